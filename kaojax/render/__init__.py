@@ -1,0 +1,3 @@
+"""Differentiable renderers: 2D Gaussian surfels, 3D Gaussians, triangle meshes."""
+
+from kaojax.render.gaussians import Gaussians
