@@ -46,7 +46,8 @@ def focal_to_fov(focal, size):
 
 def intrinsics(fx, fy, cx, cy):
   """Pixel intrinsics from [...]-shaped fx, fy, cx, cy -> K [..., 3, 3]."""
-  fx, fy, cx, cy = (jnp.asarray(v, jnp.float32) for v in (fx, fy, cx, cy))
+  fx, fy, cx, cy = jnp.broadcast_arrays(
+      *(jnp.asarray(v, jnp.float32) for v in (fx, fy, cx, cy)))
   zero, one = jnp.zeros_like(fx), jnp.ones_like(fx)
   return jnp.stack([
       jnp.stack([fx, zero, cx], -1),

@@ -43,8 +43,9 @@ def interpolate_barycentric(values, faces, face_idx, bary):
 
 def _gather_corners(values, corner_ids):
   # values [..., V, C]; corner_ids [..., N, 3] -> [..., N, 3, C]
-  batch = corner_ids.shape[:-2]
+  batch = jnp.broadcast_shapes(values.shape[:-2], corner_ids.shape[:-2])
   vals = jnp.broadcast_to(values, batch + values.shape[-2:])
+  corner_ids = jnp.broadcast_to(corner_ids, batch + corner_ids.shape[-2:])
   flat_ids = corner_ids.reshape(batch + (-1,))
   out = jnp.take_along_axis(vals, flat_ids[..., None], axis=-2)
   return out.reshape(corner_ids.shape + (values.shape[-1],))

@@ -68,13 +68,19 @@ def matrix_to_quat(matrix):
   return jnp.where(q[..., :1] < 0, -q, q)
 
 
+def _safe_norm(v, tiny=1e-8):
+  """(||v||, mask ||v|| > tiny) with a finite gradient at v = 0."""
+  sq = jnp.sum(v * v, axis=-1, keepdims=True)
+  big = sq > tiny * tiny
+  return jnp.where(big, jnp.sqrt(jnp.where(big, sq, 1.0)), 0.0), big
+
+
 def axis_angle_to_quat(axis_angle):
   """axis_angle: [..., 3] -> quat [..., 4] (w, x, y, z)."""
-  angle = jnp.linalg.norm(axis_angle, axis=-1, keepdims=True)
+  angle, big = _safe_norm(axis_angle)
   half = 0.5 * angle
   # sin(half)/angle, with its limit 1/2 at zero.
-  safe = jnp.where(angle > 1e-8, angle, 1.0)
-  factor = jnp.where(angle > 1e-8, jnp.sin(half) / safe, 0.5 - angle**2 / 48.0)
+  factor = jnp.where(big, jnp.sin(half) / jnp.where(big, angle, 1.0), 0.5 - angle**2 / 48.0)
   return jnp.concatenate([jnp.cos(half), axis_angle * factor], -1)
 
 
@@ -82,10 +88,9 @@ def quat_to_axis_angle(quat):
   """quat: [..., 4] (w, x, y, z) -> axis-angle [..., 3] with angle in [0, pi]."""
   q = quat / jnp.linalg.norm(quat, axis=-1, keepdims=True)
   q = jnp.where(q[..., :1] < 0, -q, q)
-  vec_norm = jnp.linalg.norm(q[..., 1:], axis=-1, keepdims=True)
+  vec_norm, big = _safe_norm(q[..., 1:])
   angle = 2.0 * jnp.arctan2(vec_norm, q[..., :1])
-  safe = jnp.where(vec_norm > 1e-8, vec_norm, 1.0)
-  factor = jnp.where(vec_norm > 1e-8, angle / safe, 2.0)
+  factor = jnp.where(big, angle / jnp.where(big, vec_norm, 1.0), 2.0)
   return q[..., 1:] * factor
 
 
