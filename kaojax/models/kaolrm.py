@@ -1,0 +1,267 @@
+"""KaoLRM: OpenLRM's triplane backbone + a FLAME decoder + a Gaussian decoder.
+
+image [B, H, W, 3] + source camera [B, 16] -> planes -> FLAME parameters -> FLAME
+mesh (vertices * scale + translation) and its 68 3D landmarks -> 8,000 area-weighted
+surface samples (redrawn every call from an explicit key) -> one 2D Gaussian surfel
+per sample, its attributes decoded from the triplane at s * (x, -z, y),
+s = synth_focal / 0.75 -> renders at any cameras through `kaojax.render`.
+
+Frozen (KaoLRM training): the encoder and the upsampler (their gradients are
+stopped inside the forward pass). Trainable: camera_embedder, transformer (with its
+pos_embed), flame_decoder, gaussian_decoder; `TRAINABLE` selects them for optimisers.
+"""
+
+import dataclasses
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kaojax.flame import FlameModel
+from kaojax.geometry.cameras import flame_to_triplane
+from kaojax.geometry.mesh import sample_surface
+from kaojax.models.dinov2 import Dinov2, Dinov2Config
+from kaojax.models.lrm import (CameraEmbedder, LRMConfig, PointDecoder, TriplaneTransformer,
+                               Upsampler, concat_plane_features, sample_triplane,
+                               torch_linear_init)
+from kaojax.render.gaussians import Gaussians
+from kaojax.sharding import MLP
+
+TRAINABLE_MODULES = ("camera_embedder", "transformer", "flame_decoder", "gaussian_decoder")
+FROZEN_MODULES = ("encoder", "upsampler")
+TRAINABLE = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(n) for n in TRAINABLE_MODULES)))
+FROZEN = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(n) for n in FROZEN_MODULES)))
+
+
+@dataclasses.dataclass(frozen=True)
+class KaoLRMConfig:
+  lrm: LRMConfig = LRMConfig()
+  flame_hidden: tuple = (2048, 1024, 512)   # FLAME decoder MLP widths
+  gating_hidden: int = 128                  # channel self-gating bottleneck
+  n_shape: int = 100
+  n_expr: int = 50
+  gaussian_hidden: int = 64
+  num_samples: int = 8000                   # surface samples = Gaussians per forward
+  monocular: bool = False                   # z-translation forced to 0
+
+  @property
+  def flame_out(self) -> int:
+    return self.n_shape + self.n_expr + 6 + 1 + 3
+
+
+def _released_backbone(encoder_dim: int, image_size: int, **kw) -> LRMConfig:
+  """A released OpenLRM backbone (ViT-*/14 with registers, head dim 64), frozen
+  encoder and upsampler as in KaoLRM."""
+  encoder = Dinov2Config(dim=encoder_dim, depth=12, heads=encoder_dim // 64,
+                         image_size=image_size)
+  return LRMConfig(encoder=encoder, freeze_encoder=True, freeze_upsampler=True, **kw)
+
+
+def kaolrm_config(name: str = "base", **overrides) -> KaoLRMConfig:
+  """Presets: 'tiny' (tests), 'small' (OpenLRM-small backbone), 'base' (KaoLRM as
+  released: OpenLRM-base, ViT-B/14 encoder, 224 px input), 'large' (OpenLRM-large
+  backbone). Encoder and upsampler frozen; `overrides` replace KaoLRMConfig fields."""
+  if name == "tiny":
+    lrm = LRMConfig(encoder=Dinov2Config(dim=32, depth=2, heads=2, image_size=56),
+                    dim=32, layers=2, heads=2, camera_dim=32, triplane_low=4,
+                    triplane_high=8, triplane_dim=8, freeze_encoder=True,
+                    freeze_upsampler=True)
+    cfg = KaoLRMConfig(lrm=lrm, flame_hidden=(64, 32, 16), gating_hidden=8,
+                       gaussian_hidden=16, num_samples=256)
+  elif name == "small":
+    cfg = KaoLRMConfig(lrm=_released_backbone(384, 224, dim=512, layers=12, heads=8,
+                                     triplane_dim=32))
+  elif name == "base":
+    cfg = KaoLRMConfig(lrm=_released_backbone(768, 224, dim=768, layers=12, heads=12,
+                                     triplane_dim=48))
+  elif name == "large":
+    cfg = KaoLRMConfig(lrm=_released_backbone(768, 224, dim=1024, layers=16, heads=16,
+                                     triplane_dim=80))
+  else:
+    raise ValueError(f"unknown KaoLRM preset {name!r}: tiny, small, base or large")
+  return dataclasses.replace(cfg, **overrides)
+
+
+@flax.struct.dataclass
+class FlameParams:
+  """shape [B, n_shape]; expression [B, n_expr]; pose [B, 6] (global + jaw
+  axis-angle); scale [B, 1] (>= 0.1); translation [B, 3]; raw [B, 160]."""
+  shape: jax.Array
+  expression: jax.Array
+  pose: jax.Array
+  scale: jax.Array
+  translation: jax.Array
+  raw: jax.Array
+
+
+def _torch_linear(d_in, d_out, rngs, axes=(None, None), dtype=None, zero_bias=False):
+  """nn.Linear with PyTorch's default init (optionally a zero bias)."""
+  from kaojax.sharding import param_init
+  return nnx.Linear(d_in, d_out, dtype=dtype, rngs=rngs,
+                    kernel_init=torch_linear_init(d_in, True, axes),
+                    bias_init=(param_init(nnx.initializers.zeros_init(), axes[1]) if zero_bias
+                               else torch_linear_init(d_in, False, (axes[1],))))
+
+
+class FlameDecoder(nnx.Module):
+  """planes [B, 3, H, W, C] -> FLAME parameters.
+
+  mean over channels -> [B, 3*H*W] (plane, row, col) -> Linear, GELU, Linear, GELU ->
+  channel gating x * sigmoid(Linear(ReLU(Linear(x)))) -> Linear, GELU, Linear(160).
+  """
+
+  def __init__(self, in_dim: int, cfg: KaoLRMConfig, rngs: nnx.Rngs, dtype=None):
+    h1, h2, h3 = cfg.flame_hidden
+    self.n_shape, self.n_expr = cfg.n_shape, cfg.n_expr
+    self.monocular = cfg.monocular
+    self.fc1 = _torch_linear(in_dim, h1, rngs, (None, MLP), dtype)
+    self.fc2 = _torch_linear(h1, h2, rngs, (MLP, None), dtype)
+    self.gate_down = _torch_linear(h2, cfg.gating_hidden, rngs, dtype=dtype)
+    self.gate_up = _torch_linear(cfg.gating_hidden, h2, rngs, dtype=dtype)
+    self.fc3 = _torch_linear(h2, h3, rngs, dtype=dtype)
+    self.fc4 = _torch_linear(h3, cfg.flame_out, rngs, dtype=dtype)
+
+  @staticmethod
+  def plane_means(planes):
+    """[B, 3, H, W, C] -> [B, 3*H*W]: per-texel mean over channels."""
+    return jnp.mean(planes, axis=-1).reshape(planes.shape[0], -1)
+
+  def raw(self, planes):
+    gelu = lambda x: jax.nn.gelu(x, approximate=False)
+    x = gelu(self.fc2(gelu(self.fc1(self.plane_means(planes)))))
+    x = x * jax.nn.sigmoid(self.gate_up(jax.nn.relu(self.gate_down(x))))
+    return self.fc4(gelu(self.fc3(x)))
+
+  def __call__(self, planes) -> FlameParams:
+    raw = self.raw(planes)
+    s, e = self.n_shape, self.n_shape + self.n_expr
+    translation = raw[:, e + 7:e + 10]
+    if self.monocular:
+      translation = translation.at[:, 2].set(0.0)
+    return FlameParams(shape=raw[:, :s], expression=raw[:, s:e], pose=raw[:, e:e + 6],
+                       scale=jnp.maximum(jax.nn.softplus(raw[:, e + 6:e + 7]), 0.1),
+                       translation=translation, raw=raw)
+
+
+def gaussian_query_points(points, synth_focal):
+  """FLAME-world points [..., 3] -> triplane query (synth_focal / 0.75) * (x, -z, y)."""
+  return flame_to_triplane(points) * (synth_focal / 0.75)
+
+
+def gaussian_activations(raw):
+  """raw [..., 11] -> (opacity [..., 1] sigmoid, scales [..., 3] 0.5*softplus,
+  quaternion [..., 4] (w, x, y, z) L2-normalised, rgb [..., 3] sigmoid*1.002-0.001)."""
+  opacity = jax.nn.sigmoid(raw[..., 0:1])
+  scales = 0.5 * jax.nn.softplus(raw[..., 1:4])
+  quat = raw[..., 4:8]
+  quat = quat / jnp.maximum(jnp.linalg.norm(quat, axis=-1, keepdims=True), 1e-12)
+  rgb = jax.nn.sigmoid(raw[..., 8:11]) * (1 + 2 * 0.001) - 0.001
+  return opacity, scales, quat, rgb
+
+
+class GaussianDecoder(nnx.Module):
+  """(planes [B, 3, H, W, C], surface points [B, N, 3] in the FLAME world) ->
+  Gaussians centred at the points. Zero-initialised biases."""
+
+  def __init__(self, channels: int, hidden: int, rngs: nnx.Rngs, dtype=None):
+    self.decoder = PointDecoder(3 * channels, 11, rngs, hidden=hidden, zero_bias=True,
+                                dtype=dtype)
+
+  def raw(self, planes, points, synth_focal):
+    query = gaussian_query_points(points, synth_focal)
+    return self.decoder(concat_plane_features(sample_triplane(planes, query)))
+
+  def __call__(self, planes, points, synth_focal) -> Gaussians:
+    opacity, scales, quats, rgb = gaussian_activations(self.raw(planes, points, synth_focal))
+    return Gaussians(means=points, quats=quats, scales=scales, opacities=opacity[..., 0],
+                     colors=rgb)
+
+
+class FlameBuffer(nnx.Variable):
+  """A FlameModel held by the network: not a parameter, never trained."""
+
+
+@flax.struct.dataclass
+class KaoLRMOutput:
+  """planes [B, 3, 2r, 2r, C]; flame: FlameParams; vertices [B, V, 3] (scaled and
+  translated FLAME mesh, FLAME world); landmarks [B, 68, 3] (static 3D landmarks);
+  gaussians: Gaussians with N = num_samples; face_idx [B, N], bary [B, N, 3]: where
+  each Gaussian sits on the mesh."""
+  planes: jax.Array
+  flame: FlameParams
+  vertices: jax.Array
+  landmarks: jax.Array
+  gaussians: Gaussians
+  face_idx: jax.Array
+  bary: jax.Array
+
+
+class KaoLRM(nnx.Module):
+
+  def __init__(self, cfg: KaoLRMConfig, flame: FlameModel, rngs: nnx.Rngs):
+    if (flame.n_shape, flame.n_expr) != (cfg.n_shape, cfg.n_expr):
+      raise ValueError(f"FLAME model has {flame.n_shape} shape / {flame.n_expr} expression "
+                       f"components, the config {cfg.n_shape} / {cfg.n_expr}")
+    lrm = cfg.lrm
+    self.cfg = cfg
+    self.encoder = Dinov2(lrm.encoder, rngs)
+    self.camera_embedder = CameraEmbedder(lrm.camera_dim, rngs, lrm.dtype)
+    self.transformer = TriplaneTransformer(lrm, rngs)
+    self.upsampler = Upsampler(lrm.dim, lrm.triplane_dim, rngs, lrm.freeze_upsampler)
+    self.flame_decoder = FlameDecoder(3 * lrm.triplane_high ** 2, cfg, rngs, lrm.dtype)
+    self.gaussian_decoder = GaussianDecoder(lrm.triplane_dim, cfg.gaussian_hidden, rngs,
+                                            lrm.dtype)
+    self.flame = FlameBuffer(flame)
+
+  @property
+  def flame_model(self) -> FlameModel:
+    return self.flame.get_value()
+
+  def planes(self, images, cameras):
+    """images [B, H, W, 3] in [0, 1], cameras [B, 16] -> planes [B, 3, 2r, 2r, C]."""
+    tokens = self.encoder(images)
+    if self.cfg.lrm.freeze_encoder:
+      tokens = jax.lax.stop_gradient(tokens)
+    cond = self.camera_embedder(cameras.astype(tokens.dtype))
+    return self.upsampler(self.transformer(tokens, cond))
+
+  def __call__(self, images, cameras, key, synth_focal=0.75,
+               num_samples: Optional[int] = None) -> KaoLRMOutput:
+    """images [B, H, W, 3] in [0, 1] (RGBA composited on white); cameras [B, 16]
+    OpenLRM source cameras (f = 0.75); key: PRNG key for the surface samples;
+    synth_focal: normalised focal of the render cameras (scalar or [B, 1, 1])."""
+    planes = self.planes(images, cameras)
+    params = self.flame_decoder(planes)
+    flame = self.flame_model
+    mesh = flame(params.shape.astype(jnp.float32), params.expression.astype(jnp.float32),
+                 params.pose.astype(jnp.float32), scale=params.scale.astype(jnp.float32),
+                 translation=params.translation.astype(jnp.float32))
+    n = num_samples or self.cfg.num_samples
+    points, face_idx, bary = sample_surface(key, mesh.vertices, flame.faces, n)
+    gaussians = self.gaussian_decoder(planes, points.astype(planes.dtype), synth_focal)
+    return KaoLRMOutput(planes=planes, flame=params, vertices=mesh.vertices,
+                        landmarks=mesh.landmarks3d, gaussians=gaussians,
+                        face_idx=face_idx, bary=bary)
+
+  def render(self, out: KaoLRMOutput, viewmats, Ks, width: int, height: int, background):
+    """Renders the Gaussians (2DGS surfels) and the FLAME mesh.
+
+    viewmats [B, V, 4, 4] OpenCV world-to-camera (FLAME world); Ks [B, V, 3, 3];
+    background [B, V, 3] or [3]. Returns {"surfels": color/alpha/depth/normal,
+    "mesh": depth/normal/mask/face_id/bary} as given by kaojax.render.
+    """
+    from kaojax.render import rasterize_mesh, rasterize_surfels
+    surfels = rasterize_surfels(out.gaussians, viewmats, Ks, width, height, background)
+    mesh = rasterize_mesh(out.vertices, self.flame_model.faces, viewmats, Ks, width, height)
+    return {"surfels": surfels, "mesh": mesh}
+
+
+def nearest_gaussians(gaussians: Gaussians, camera_center, keep: int) -> Gaussians:
+  """The `keep` Gaussians nearest to camera_center [B, 3] (KaoLRM's monocular mode
+  keeps int(N / 1.8))."""
+  dist = jnp.sum((gaussians.means - camera_center[:, None]) ** 2, -1)
+  _, idx = jax.lax.top_k(-dist, keep)
+  take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), 1)
+  return jax.tree.map(take, gaussians)

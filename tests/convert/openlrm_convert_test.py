@@ -1,0 +1,166 @@
+"""Converters on state dicts with exactly the released key lists and shapes."""
+
+import pathlib
+import re
+
+import numpy as np
+import pytest
+import jax.numpy as jnp
+from flax import nnx
+
+from kaojax.convert.openlrm import kaolrm_from_state, openlrm_from_state
+from kaojax.convert.torch_state import CheckpointError, read_state_dict
+
+KEYS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "spec" / "checkpoint_keys"
+
+
+def read_key_list(name):
+  """[(key, shape, dtype)] from a checkpoint_keys/*.txt file."""
+  rows = []
+  for line in (KEYS / name).read_text().splitlines():
+    if not line.strip():
+      continue
+    parts = line.split("\t")
+    shape = tuple(int(x) for x in re.findall(r"\d+", parts[1]))
+    dtype = parts[2].replace("torch.", "") if len(parts) > 2 else "float32"
+    rows.append((parts[0], shape, dtype))
+  return rows
+
+
+def constant_state(rows):
+  """Every float tensor filled with its own exactly representable constant
+  (index + 1) / 4096, as a broadcast view (no memory); returns (state, fills)."""
+  state, fills = {}, {}
+  for i, (key, shape, dtype) in enumerate(rows):
+    value = np.float32((i + 1) / 4096)
+    state[key] = np.broadcast_to(value, shape)
+    fills[key] = float(value)
+  return state, fills
+
+
+def fake_flame_buffers(rows, seed=0):
+  """Plausible `flame_model.*` buffers with the listed shapes."""
+  rng = np.random.default_rng(seed)
+  shapes = {k[len("flame_model."):]: s for k, s, _ in rows if k.startswith("flame_model.")}
+  n_v, n_f = shapes["v_template"][0], shapes["faces_tensor"][0]
+
+  def bary(shape):
+    b = rng.uniform(0.1, 1.0, shape).astype(np.float32)
+    return b / b.sum(-1, keepdims=True)
+
+  weights = np.zeros(shapes["lbs_weights"], np.float32)
+  weights[:, 0] = 1.0
+  out = {
+      "v_template": rng.normal(0, 0.1, shapes["v_template"]).astype(np.float32),
+      "shapedirs": rng.normal(0, 1e-3, shapes["shapedirs"]).astype(np.float32),
+      "posedirs": np.zeros(shapes["posedirs"], np.float32),
+      "J_regressor": np.full(shapes["J_regressor"], 1.0 / n_v, np.float32),
+      "parents": np.array([-1, 0, 1, 1, 1], np.int64),
+      "lbs_weights": weights,
+      "faces_tensor": rng.integers(0, n_v, shapes["faces_tensor"]).astype(np.int64),
+      "lmk_faces_idx": rng.integers(0, n_f, shapes["lmk_faces_idx"]).astype(np.int64),
+      "lmk_bary_coords": bary(shapes["lmk_bary_coords"]),
+      "dynamic_lmk_faces_idx": rng.integers(0, n_f, shapes["dynamic_lmk_faces_idx"]).astype(np.int64),
+      "dynamic_lmk_bary_coords": bary(shapes["dynamic_lmk_bary_coords"]),
+      "full_lmk_faces_idx": rng.integers(0, n_f, shapes["full_lmk_faces_idx"]).astype(np.int64),
+      "full_lmk_bary_coords": bary(shapes["full_lmk_bary_coords"]),
+      "neck_kin_chain": np.array([1, 0], np.int64),
+      "eye_pose": np.zeros(shapes["eye_pose"], np.float32),
+      "neck_pose": np.zeros(shapes["neck_pose"], np.float32),
+  }
+  assert set(out) == set(shapes)
+  return {"flame_model." + k: v for k, v in out.items()}
+
+
+def assert_loaded_exactly(model, fills, unused_prefixes):
+  """Every parameter is one constant, every used key's constant appears."""
+  seen = set()
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = np.asarray(var.get_value())
+    lo, hi = float(value.min()), float(value.max())
+    assert lo == hi, f"{path}: not one checkpoint tensor ({lo} .. {hi})"
+    seen.add(lo)
+  used = {v for k, v in fills.items() if not k.startswith(unused_prefixes)}
+  assert used - seen == set(), "checkpoint tensors that reached no parameter"
+  assert seen - used == set(), "parameters not coming from the checkpoint"
+
+
+def test_openlrm_base_key_list_loads_without_leftovers():
+  rows = read_key_list("openlrm_base.txt")
+  state, fills = constant_state(rows)
+  model = openlrm_from_state(state, {"encoder_model_name": "dinov2_vitb14_reg",
+                                     "transformer_heads": 12, "transformer_dim": 768})
+  cfg = model.cfg
+  assert (cfg.dim, cfg.layers, cfg.heads, cfg.triplane_dim) == (768, 12, 12, 48)
+  assert (cfg.encoder.dim, cfg.encoder.depth, cfg.encoder.image_size) == (768, 12, 336)
+  assert model.encoder.pos_embed.shape == (1, 1 + 24 * 24, 768)
+  assert_loaded_exactly(model, fills, ())
+
+
+def test_kaolrm_key_list_loads_without_leftovers():
+  rows = read_key_list("kaolrm.txt")
+  state, fills = constant_state([r for r in rows if not r[0].startswith("flame_model.")])
+  state.update(fake_flame_buffers(rows))
+  model = kaolrm_from_state(state)
+  cfg = model.cfg
+  assert cfg.flame_hidden == (2048, 1024, 512) and cfg.gating_hidden == 128
+  assert cfg.lrm.encoder.image_size == 224 and cfg.lrm.dim == 768
+  assert model.flame_model.num_vertices == 5023
+  np.testing.assert_array_equal(np.asarray(model.flame_model.faces),
+                                state["flame_model.faces_tensor"])
+  assert_loaded_exactly(model, fills, ("flame_model.",))
+
+
+def small_openlrm_state():
+  """The openlrm_small key list cut to one encoder block and one transformer layer
+  (sizes are read from the state, so this is a valid smaller checkpoint)."""
+  rows = [r for r in read_key_list("openlrm_small.txt")
+          if not re.match(r"(encoder\.model\.blocks|transformer\.layers)\.([1-9]|1\d)\.", r[0])]
+  return constant_state(rows)[0]
+
+
+def test_small_separate_qkv_checkpoint_loads():
+  state = small_openlrm_state()
+  model = openlrm_from_state(state)
+  assert model.transformer.layers[0].cross_attn.k.kernel.shape == (384, 512)
+  assert model.cfg.encoder.image_size == 224 and model.cfg.heads == 8
+
+
+def test_errors_list_every_missing_unexpected_and_misshaped_key():
+  state = dict(small_openlrm_state())
+  del state["transformer.layers.0.cross_attn.v_proj_weight"]
+  del state["encoder.model.blocks.0.ls1.gamma"]
+  state["transformer.layers.0.extra.weight"] = np.zeros((3,), np.float32)
+  state["camera_embedder.mlp.2.weight"] = np.zeros((1024, 1000), np.float32)
+  with pytest.raises(CheckpointError) as err:
+    openlrm_from_state(state)
+  text = str(err.value)
+  for key in ("transformer.layers.0.cross_attn.v_proj_weight", "encoder.model.blocks.0.ls1.gamma",
+              "transformer.layers.0.extra.weight", "camera_embedder.mlp.2.weight"):
+    assert key in text
+  assert "missing keys" in text and "unexpected keys" in text and "mis-shaped keys" in text
+
+
+def test_synthesizer_is_only_allowed_for_kaolrm():
+  state = dict(small_openlrm_state())
+  state["flame_decoder.decoder.0.weight"] = np.zeros((16, 3 * 64 * 64), np.float32)
+  with pytest.raises(CheckpointError, match="flame_decoder.decoder.0.weight"):
+    openlrm_from_state(state)
+  del state["synthesizer.decoder.net.0.weight"]
+  with pytest.raises(CheckpointError, match="missing keys:\n  synthesizer.decoder.net.0.weight"):
+    openlrm_from_state({k: v for k, v in state.items() if not k.startswith("flame_decoder")})
+
+
+def test_pytorch_bin_and_safetensors_read_the_same(tmp_path):
+  torch = pytest.importorskip("torch")
+  from safetensors.torch import save_file
+  tensors = {"a.weight": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).half()}
+  torch.save(tensors, tmp_path / "pytorch_model.bin")
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  from_bin = read_state_dict(tmp_path / "pytorch_model.bin")
+  from_st = read_state_dict(tmp_path)   # the folder: model.safetensors first
+  for k, v in tensors.items():
+    np.testing.assert_array_equal(from_bin[k], v.float().numpy() if k == "c" else v.numpy())
+    np.testing.assert_array_equal(from_st[k], from_bin[k])
+  with pytest.raises(FileNotFoundError):
+    read_state_dict(tmp_path / "missing.safetensors")
