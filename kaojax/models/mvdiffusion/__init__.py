@@ -1,0 +1,1 @@
+"""FaceLift multi-view diffusion: UNet with sparse multi-view attention, VAE, schedulers."""
