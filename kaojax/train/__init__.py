@@ -1,0 +1,1 @@
+"""KaoLRM training: optimiser, state, steps, checkpoints, loop."""

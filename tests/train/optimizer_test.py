@@ -1,0 +1,74 @@
+"""The optimiser against PyTorch's AdamW + clip_grad_norm_ + LambdaLR."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from kaojax.train.optimizer import (
+    learning_rate_schedule, make_optimizer, weight_decay_mask)
+
+
+def _torch_lambda(warmup, total, init, peak):
+  def factor(step):
+    if step < warmup:
+      return (init + (peak - init) * step / warmup) / peak
+    progress = min((step - warmup) / (total - warmup), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+  return factor
+
+
+def test_schedule_warmup_then_cosine():
+  schedule = learning_rate_schedule(4e-4, 3000, 10_000)
+  assert float(schedule(0)) == pytest.approx(1e-10, abs=1e-15)
+  assert float(schedule(1500)) == pytest.approx(2e-4, rel=1e-5)
+  assert float(schedule(3000)) == pytest.approx(4e-4, rel=1e-6)
+  assert float(schedule(6500)) == pytest.approx(2e-4, rel=1e-5)
+  assert float(schedule(10_000)) == pytest.approx(0.0, abs=1e-12)
+  with pytest.raises(ValueError, match="warmup_steps"):
+    learning_rate_schedule(1e-3, 10, 10)
+
+
+def test_weight_decay_mask_spares_norms_and_biases():
+  params = {"block": {"attn": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))},
+                      "norm1": {"scale": jnp.ones((4,)), "bias": jnp.ones((4,))},
+                      "conv": {"kernel": jnp.ones((3, 3, 2, 4))}},
+            "layernorm_proj": {"kernel": jnp.ones((4, 4))}}
+  mask = weight_decay_mask(params)
+  assert mask["block"]["attn"] == {"kernel": True, "bias": False}
+  assert mask["block"]["norm1"] == {"scale": False, "bias": False}
+  assert mask["block"]["conv"]["kernel"] and not mask["layernorm_proj"]["kernel"]
+
+
+def test_matches_torch_adamw_with_clipping_and_schedule():
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": rng.normal(size=(5, 3)).astype(np.float32),
+                      "bias": rng.normal(size=(3,)).astype(np.float32)}}
+  grads = [{"dense": {"kernel": rng.normal(size=(5, 3)).astype(np.float32) * s,
+                      "bias": rng.normal(size=(3,)).astype(np.float32) * s}}
+           for s in (0.1, 3.0, 0.5, 2.0, 0.05, 1.0)]  # some steps get clipped
+  peak, warmup, total = 1e-2, 2, 6
+  tx = make_optimizer(peak, warmup, total)
+  state = tx.init(params)
+  ours = jax.tree.map(jnp.asarray, params)
+  for g in grads:
+    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, ours)
+    ours = jax.tree.map(lambda p, u: p + u, ours, updates)
+
+  w = torch.tensor(params["dense"]["kernel"], requires_grad=True)
+  b = torch.tensor(params["dense"]["bias"], requires_grad=True)
+  opt = torch.optim.AdamW([{"params": [w], "weight_decay": 0.05},
+                           {"params": [b], "weight_decay": 0.0}],
+                          lr=peak, betas=(0.9, 0.95), eps=1e-8)
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, _torch_lambda(warmup, total, 1e-10, peak))
+  for g in grads:
+    w.grad = torch.tensor(g["dense"]["kernel"])
+    b.grad = torch.tensor(g["dense"]["bias"])
+    torch.nn.utils.clip_grad_norm_([w, b], 1.0)
+    opt.step()
+    sched.step()
+  np.testing.assert_allclose(ours["dense"]["kernel"], w.detach().numpy(), atol=2e-6)
+  np.testing.assert_allclose(ours["dense"]["bias"], b.detach().numpy(), atol=2e-6)
