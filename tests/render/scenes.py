@@ -1,0 +1,37 @@
+"""Small random scenes and cameras for the renderer tests."""
+
+import numpy as np
+
+from kaojax.geometry import cameras
+from kaojax.render import Gaussians
+
+
+def random_gaussians(seed, batch=(), n=200, scale=(0.05, 0.3), spread=0.8, dtype=np.float32):
+  """Random Gaussians [*batch, n, ...] around the origin (numpy arrays)."""
+  rng = np.random.default_rng(seed)
+  shape = tuple(batch) + (n,)
+  return Gaussians(
+      means=(rng.normal(size=shape + (3,)) * spread).astype(dtype),
+      quats=rng.normal(size=shape + (4,)).astype(dtype),
+      scales=rng.uniform(*scale, size=shape + (3,)).astype(dtype),
+      opacities=rng.uniform(0.2, 0.95, size=shape).astype(dtype),
+      colors=rng.uniform(size=shape + (3,)).astype(dtype))
+
+
+def orbit_views(seed, batch=(), distance=4.0, width=48, height=32, focal=40.0, dtype=np.float32):
+  """World-to-camera viewmats [*batch, 4, 4] looking at the origin from random
+  directions, and Ks [*batch, 3, 3] with a slightly off-centre principal point."""
+  rng = np.random.default_rng(seed)
+  n = int(np.prod(batch)) if batch else 1
+  eye = rng.normal(size=(n, 3))
+  eye = distance * eye / np.linalg.norm(eye, axis=-1, keepdims=True)
+  up = np.array([0.0, 1.0, 0.0])
+  c2w = np.asarray(cameras.look_at(eye, np.zeros(3), up))
+  viewmats = np.asarray(cameras.invert_pose(c2w)).reshape(tuple(batch) + (4, 4))
+  f = focal * rng.uniform(0.9, 1.1, size=(n,))
+  K = np.zeros((n, 3, 3))
+  K[:, 0, 0], K[:, 1, 1] = f, f * rng.uniform(0.95, 1.05, size=(n,))
+  K[:, 0, 2] = width / 2 + rng.uniform(-2, 2, size=(n,))
+  K[:, 1, 2] = height / 2 + rng.uniform(-2, 2, size=(n,))
+  K[:, 2, 2] = 1.0
+  return viewmats.astype(dtype), K.reshape(tuple(batch) + (3, 3)).astype(dtype)
