@@ -44,7 +44,11 @@ def to_kaojax_conventions(kind: str, gsplat_out: dict, scales=None) -> dict:
      kernels; kaojax (like the PyTorch port) keeps them: compare only where the
      radius is positive.
   5. Depth output is divided by alpha (gsplat's "ED" mode); 0 where alpha == 0.
-  6. Output dict names: color / alpha / depth / normal, alpha without the
+  6. 3DGS culling: gsplat's PyTorch port clamps det(cov2d + eps2d I) to 1e-10
+     before its det > 0 test (so never culls on it); kaojax culls det <= 0 like
+     gsplat's CUDA kernel. With eps2d = 0.3 added to a PSD covariance this only
+     differs for degenerate input.
+  7. Output dict names: color / alpha / depth / normal, alpha without the
      trailing channel axis.
   """
   out = {k: np.asarray(v.detach().cpu().numpy() if torch.is_tensor(v) else v)
