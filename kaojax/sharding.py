@@ -48,3 +48,35 @@ def shard_state(state, mesh: jax.sharding.Mesh, rules: Sequence = DEFAULT_RULES)
   specs = partition_specs(state, rules)
   shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), specs)
   return jax.device_put(state, shardings)
+
+
+# Training mesh: axes ("data", "fsdp"). The batch is split over both axes; with
+# these rules the parameters (and their optimiser state) are additionally split
+# over "fsdp" along the model width (ZeRO-3 style), gathered by XLA when used.
+BATCH_AXES = ("data", "fsdp")
+FSDP_RULES = (
+    (EMBED, "fsdp"),
+    (MLP, None),
+    (HEADS, None),
+    (COND, None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
+  """A ("data", "fsdp") mesh over `devices` (default: all); data=-1 takes what is
+  left after fsdp."""
+  devices = jax.devices() if devices is None else devices
+  if data == -1:
+    if len(devices) % fsdp:
+      raise ValueError(f"{len(devices)} devices cannot be split into fsdp={fsdp} groups")
+    data = len(devices) // fsdp
+  if data * fsdp != len(devices):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, "
+                     f"there are {len(devices)}")
+  return jax.make_mesh((data, fsdp), BATCH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """Leading (batch) axis split over every mesh axis."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES))

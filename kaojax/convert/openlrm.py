@@ -61,7 +61,7 @@ def lrm_config_from_state(state: Mapping[str, np.ndarray], image_size: int,
   regs = state.get(ENCODER + "register_tokens")
   encoder = Dinov2Config(
       dim=enc_dim, depth=count_layers(state, ENCODER + "blocks.", "norm1.weight"),
-      heads=encoder_heads or enc_dim // 64,
+      heads=encoder_heads or _default_heads(enc_dim, "encoder"),
       mlp_ratio=state[ENCODER + "blocks.0.mlp.fc1.weight"].shape[0] / enc_dim,
       patch=state[ENCODER + "patch_embed.proj.weight"].shape[-1],
       num_registers=0 if regs is None else regs.shape[1], image_size=image_size,
@@ -71,9 +71,16 @@ def lrm_config_from_state(state: Mapping[str, np.ndarray], image_size: int,
   mlp = state.get("transformer.layers.0.mlp.0.weight")
   return LRMConfig(
       encoder=encoder, dim=dim, layers=count_layers(state, "transformer.layers.", "norm1.norm.weight"),
-      heads=heads or dim // 64, camera_dim=state["camera_embedder.mlp.0.weight"].shape[0],
+      heads=heads or _default_heads(dim, "transformer"), camera_dim=state["camera_embedder.mlp.0.weight"].shape[0],
       triplane_low=low, triplane_high=2 * low, triplane_dim=state["upsampler.weight"].shape[1],
       mlp_ratio=4.0 if mlp is None else mlp.shape[0] / dim, **overrides)
+
+
+def _default_heads(width: int, what: str) -> int:
+  if width % 64:
+    raise ValueError(f"{what} width {width} is not a multiple of the released head dim 64: "
+                     f"give the head count (config.json or {what} heads argument)")
+  return width // 64
 
 
 def lrm_config_from_json(config: Mapping, state: Mapping[str, np.ndarray],
@@ -208,15 +215,21 @@ GAUSSIAN_DECODER = "gaussian_decoder.decoder.net"
 
 def kaolrm_config_from_state(state: Mapping[str, np.ndarray], image_size: int = 224,
                              encoder_heads: Optional[int] = None, heads: Optional[int] = None,
-                             n_shape: int = 100, n_expr: int = 50, **kaolrm_overrides):
+                             n_shape: int = 100, n_expr: int = 50,
+                             config: Optional[Mapping] = None, **kaolrm_overrides):
   """A KaoLRMConfig with every width read from the state dict shapes (backbone,
-  FLAME decoder widths, Gaussian decoder hidden width); encoder/upsampler frozen."""
+  FLAME decoder widths, Gaussian decoder hidden width); encoder/upsampler frozen.
+  Head counts: from an OpenLRM-style `config` dict (encoder_model_name,
+  transformer_heads) when given, else the arguments, else width / 64."""
   import dataclasses
   from kaojax.models.kaolrm import KaoLRMConfig
   _require(state, [FLAME_DECODER + k for k in ("0.weight", "2.weight", "4.fc.0.weight",
                                                  "5.weight", "7.weight")]
            + [GAUSSIAN_DECODER + ".0.weight"])
-  lrm = lrm_config_from_state(state, image_size, encoder_heads, heads)
+  if config is not None:
+    lrm = lrm_config_from_json(config, state, image_size)
+  else:
+    lrm = lrm_config_from_state(state, image_size, encoder_heads, heads)
   lrm = dataclasses.replace(lrm, freeze_encoder=True, freeze_upsampler=True)
   cfg = KaoLRMConfig(
       lrm=lrm, n_shape=n_shape, n_expr=n_expr,
@@ -252,12 +265,14 @@ def load_kaolrm_state(model, state: Mapping[str, np.ndarray],
 
 
 def kaolrm_from_state(state: Mapping[str, np.ndarray], image_size: int = 224, flame=None,
-                      masks=None, source: str = "KaoLRM checkpoint", **overrides):
+                      masks=None, source: str = "KaoLRM checkpoint",
+                      config: Optional[Mapping] = None, **overrides):
   """A `KaoLRM` holding a KaoLRM state dict. The FLAME model comes from the
-  checkpoint's `flame_model.*` buffers unless `flame` is given."""
+  checkpoint's `flame_model.*` buffers unless `flame` is given; `config`: an
+  optional OpenLRM-style config.json dict (head counts)."""
   from kaojax.flame import load_flame_from_kaolrm_state
   from kaojax.models.kaolrm import FlameBuffer, KaoLRM
-  cfg = kaolrm_config_from_state(state, image_size, **overrides)
+  cfg = kaolrm_config_from_state(state, image_size, config=config, **overrides)
   if flame is None:
     flame = load_flame_from_kaolrm_state(state, cfg.n_shape, cfg.n_expr, masks=masks)
   model = nnx.eval_shape(lambda: KaoLRM(cfg, flame, nnx.Rngs(0)))
@@ -268,9 +283,27 @@ def kaolrm_from_state(state: Mapping[str, np.ndarray], image_size: int = 224, fl
 
 def load_kaolrm(path: Union[str, os.PathLike], image_size: int = 224, flame=None, masks=None,
                 **overrides):
-  """A `KaoLRM` from a released checkpoint (file or folder)."""
+  """A `KaoLRM` from a released checkpoint (file or folder; a config.json next to it
+  is read for head counts)."""
+  path = pathlib.Path(path)
+  folder = path if path.is_dir() else path.parent
   return kaolrm_from_state(read_state_dict(path), image_size, flame, masks, str(path),
-                           **overrides)
+                           read_json(folder / "config.json"), **overrides)
+
+
+def kaolrm_init_config(state: Mapping[str, np.ndarray], config: Optional[Mapping] = None,
+                       image_size: int = 224, **kaolrm_overrides):
+  """The KaoLRMConfig KaoLRM trains from an OpenLRM state dict: its backbone sizes
+  (heads from config.json when given, else width / 64), 224 px input, frozen encoder
+  and upsampler, KaoLRM's decoder widths (`kaolrm_overrides` replace fields)."""
+  import dataclasses
+  from kaojax.models.kaolrm import KaoLRMConfig
+  if config is not None:
+    lrm = lrm_config_from_json(config, state, image_size)
+  else:
+    lrm = lrm_config_from_state(state, image_size)
+  lrm = dataclasses.replace(lrm, freeze_encoder=True, freeze_upsampler=True)
+  return KaoLRMConfig(lrm=lrm, **kaolrm_overrides)
 
 
 def kaolrm_from_openlrm(state: Mapping[str, np.ndarray], cfg, flame,
@@ -279,11 +312,95 @@ def kaolrm_from_openlrm(state: Mapping[str, np.ndarray], cfg, flame,
   """KaoLRM's starting point: the backbone from an OpenLRM state dict (its
   `synthesizer.*` unused), FLAME and Gaussian decoders freshly initialised
   (PyTorch default init; zero biases in the Gaussian decoder)."""
-  from kaojax.models.kaolrm import KaoLRM
-  model = KaoLRM(cfg, flame, rngs or nnx.Rngs(0))
+  from kaojax.models.kaolrm import FlameBuffer, KaoLRM
+  # Built abstractly: the backbone is never randomly initialised, only the decoders.
+  model = nnx.eval_shape(lambda: KaoLRM(cfg, flame, nnx.Rngs(0)))
+  model.flame = FlameBuffer(flame)
+  model.init_decoders(rngs or nnx.Rngs(0))
   m = StateMapping(state, source, allow=COMMON_ALLOW + ("synthesizer.*",))
   map_openlrm_backbone(m, cfg.lrm)
   backbone = ("encoder", "camera_embedder", "transformer", "upsampler")
   shapes = {p: s for p, s in param_shapes(model).items() if p[0] in backbone}
   assign_state(model, m.finish(shapes), scope=backbone)
   return model
+
+
+def load_kaolrm_init(path: Union[str, os.PathLike], flame, image_size: int = 224, seed: int = 0,
+                     **kaolrm_overrides):
+  """`kaolrm_from_openlrm` on an OpenLRM checkpoint file or folder (config.json
+  read when present)."""
+  path = pathlib.Path(path)
+  folder = path if path.is_dir() else path.parent
+  state = read_state_dict(path)
+  cfg = kaolrm_init_config(state, read_json(folder / "config.json"), image_size,
+                           **kaolrm_overrides)
+  return kaolrm_from_openlrm(state, cfg, flame, nnx.Rngs(seed), str(path))
+
+
+# ----------------------------------------------------------------------------
+# Command line: convert once, save an Orbax checkpoint (kaojax.convert.checkpoint).
+
+KINDS = ("auto", "openlrm", "kaolrm", "kaolrm-init")
+
+
+def convert(src, out, kind: str = "auto", image_size: Optional[int] = None, flame=None,
+            masks=None, seed: int = 0, overwrite: bool = False):
+  """Convert checkpoint `src` and save it with `kaojax.convert.checkpoint.save_model`.
+
+  kind: 'openlrm' (OpenLRM with its NeRF decoder), 'kaolrm' (a released KaoLRM
+  checkpoint; the FLAME model from its `flame_model.*` buffers unless `flame` is a
+  FLAME file), 'kaolrm-init' (KaoLRM's training start from an OpenLRM checkpoint;
+  needs `flame`), or 'auto' (kaolrm when `flame_decoder.*` keys are present, else
+  openlrm). Returns the saved model."""
+  from kaojax.convert.checkpoint import save_model
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  src = pathlib.Path(src)
+  flame_model = None
+  if flame is not None:
+    from kaojax.flame import load_flame
+    flame_model = load_flame(flame, masks=masks)
+  if kind == "kaolrm-init":
+    if flame_model is None:
+      raise ValueError("--kind kaolrm-init needs --flame (OpenLRM checkpoints hold no FLAME model)")
+    model = load_kaolrm_init(src, flame_model, image_size or 224, seed)
+  else:
+    state = read_state_dict(src)
+    if kind == "auto":
+      kind = "kaolrm" if any(k.startswith("flame_decoder.") for k in state) else "openlrm"
+    config = read_json((src if src.is_dir() else src.parent) / "config.json")
+    if kind == "kaolrm":
+      model = kaolrm_from_state(state, image_size or 224, flame_model, masks, str(src), config)
+    else:
+      model = openlrm_from_state(state, config, image_size, str(src))
+  save_model(out, model, overwrite=overwrite)
+  return model
+
+
+def main(argv=None):
+  import argparse
+  parser = argparse.ArgumentParser(
+      prog="python -m kaojax.convert.openlrm",
+      description="Convert an OpenLRM / KaoLRM PyTorch checkpoint into a kaojax Orbax "
+                  "checkpoint (load it with kaojax.convert.checkpoint.load_model).")
+  parser.add_argument("--in", dest="src", required=True,
+                      help="model.safetensors, pytorch_model.bin or a folder holding one "
+                           "(and config.json)")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--kind", default="auto", choices=KINDS)
+  parser.add_argument("--image-size", type=int, default=None,
+                      help="fixed input size (default: OpenLRM's per size, 224 for KaoLRM)")
+  parser.add_argument("--flame", default=None, help="FLAME model file/folder (kaolrm-init, "
+                      "or to replace a KaoLRM checkpoint's FLAME buffers)")
+  parser.add_argument("--masks", default=None, help="FLAME_masks.pkl (facial region)")
+  parser.add_argument("--seed", type=int, default=0, help="decoder init seed (kaolrm-init)")
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  model = convert(args.src, args.out, args.kind, args.image_size, args.flame, args.masks,
+                  args.seed, args.overwrite)
+  count = sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  print(f"saved {type(model).__name__} ({count:,} parameters) to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

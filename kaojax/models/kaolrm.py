@@ -22,12 +22,12 @@ from flax import nnx
 from kaojax.flame import FlameModel
 from kaojax.geometry.cameras import flame_to_triplane
 from kaojax.geometry.mesh import sample_surface
-from kaojax.models.dinov2 import Dinov2, Dinov2Config
-from kaojax.models.lrm import (CameraEmbedder, LRMConfig, PointDecoder, TriplaneTransformer,
-                               Upsampler, concat_plane_features, sample_triplane,
-                               torch_linear_init)
+from kaojax.models.dinov2 import Dinov2
+from kaojax.models.lrm import (CameraEmbedder, backbone_planes, LRMConfig, PointDecoder, TriplaneTransformer,
+                               Upsampler, concat_plane_features, openlrm_config,
+                               sample_triplane, torch_linear_init)
 from kaojax.render.gaussians import Gaussians
-from kaojax.sharding import MLP
+from kaojax.sharding import MLP, param_init
 
 TRAINABLE_MODULES = ("camera_embedder", "transformer", "flame_decoder", "gaussian_decoder")
 FROZEN_MODULES = ("encoder", "upsampler")
@@ -51,34 +51,18 @@ class KaoLRMConfig:
     return self.n_shape + self.n_expr + 6 + 1 + 3
 
 
-def _released_backbone(encoder_dim: int, image_size: int, **kw) -> LRMConfig:
-  """A released OpenLRM backbone (ViT-*/14 with registers, head dim 64), frozen
-  encoder and upsampler as in KaoLRM."""
-  encoder = Dinov2Config(dim=encoder_dim, depth=12, heads=encoder_dim // 64,
-                         image_size=image_size)
-  return LRMConfig(encoder=encoder, freeze_encoder=True, freeze_upsampler=True, **kw)
-
-
 def kaolrm_config(name: str = "base", **overrides) -> KaoLRMConfig:
-  """Presets: 'tiny' (tests), 'small' (OpenLRM-small backbone), 'base' (KaoLRM as
-  released: OpenLRM-base, ViT-B/14 encoder, 224 px input), 'large' (OpenLRM-large
-  backbone). Encoder and upsampler frozen; `overrides` replace KaoLRMConfig fields."""
+  """Presets: 'tiny' (tests), 'small' / 'base' / 'large' (the OpenLRM backbone of
+  that size; 'base' is KaoLRM as released). KaoLRM feeds 224 px source images to
+  every size (the position table is resized to 16x16 patches); encoder and
+  upsampler are frozen. `overrides` replace KaoLRMConfig fields."""
   if name == "tiny":
-    lrm = LRMConfig(encoder=Dinov2Config(dim=32, depth=2, heads=2, image_size=56),
-                    dim=32, layers=2, heads=2, camera_dim=32, triplane_low=4,
-                    triplane_high=8, triplane_dim=8, freeze_encoder=True,
-                    freeze_upsampler=True)
+    lrm = openlrm_config("tiny", freeze_encoder=True, freeze_upsampler=True)
     cfg = KaoLRMConfig(lrm=lrm, flame_hidden=(64, 32, 16), gating_hidden=8,
                        gaussian_hidden=16, num_samples=256)
-  elif name == "small":
-    cfg = KaoLRMConfig(lrm=_released_backbone(384, 224, dim=512, layers=12, heads=8,
-                                     triplane_dim=32))
-  elif name == "base":
-    cfg = KaoLRMConfig(lrm=_released_backbone(768, 224, dim=768, layers=12, heads=12,
-                                     triplane_dim=48))
-  elif name == "large":
-    cfg = KaoLRMConfig(lrm=_released_backbone(768, 224, dim=1024, layers=16, heads=16,
-                                     triplane_dim=80))
+  elif name in ("small", "base", "large"):
+    cfg = KaoLRMConfig(lrm=openlrm_config(name, image_size=224, freeze_encoder=True,
+                                          freeze_upsampler=True))
   else:
     raise ValueError(f"unknown KaoLRM preset {name!r}: tiny, small, base or large")
   return dataclasses.replace(cfg, **overrides)
@@ -98,7 +82,6 @@ class FlameParams:
 
 def _torch_linear(d_in, d_out, rngs, axes=(None, None), dtype=None, zero_bias=False):
   """nn.Linear with PyTorch's default init (optionally a zero bias)."""
-  from kaojax.sharding import param_init
   return nnx.Linear(d_in, d_out, dtype=dtype, rngs=rngs,
                     kernel_init=torch_linear_init(d_in, True, axes),
                     bias_init=(param_init(nnx.initializers.zeros_init(), axes[1]) if zero_bias
@@ -210,10 +193,16 @@ class KaoLRM(nnx.Module):
     self.camera_embedder = CameraEmbedder(lrm.camera_dim, rngs, lrm.dtype)
     self.transformer = TriplaneTransformer(lrm, rngs)
     self.upsampler = Upsampler(lrm.dim, lrm.triplane_dim, rngs, lrm.freeze_upsampler)
-    self.flame_decoder = FlameDecoder(3 * lrm.triplane_high ** 2, cfg, rngs, lrm.dtype)
-    self.gaussian_decoder = GaussianDecoder(lrm.triplane_dim, cfg.gaussian_hidden, rngs,
-                                            lrm.dtype)
+    self.init_decoders(rngs)
     self.flame = FlameBuffer(flame)
+
+  def init_decoders(self, rngs: nnx.Rngs):
+    """(Re)create the FLAME and Gaussian decoders with KaoLRM's initialisation
+    (PyTorch's default nn.Linear init; zero biases in the Gaussian decoder)."""
+    lrm = self.cfg.lrm
+    self.flame_decoder = FlameDecoder(3 * lrm.triplane_high ** 2, self.cfg, rngs, lrm.dtype)
+    self.gaussian_decoder = GaussianDecoder(lrm.triplane_dim, self.cfg.gaussian_hidden, rngs,
+                                            lrm.dtype)
 
   @property
   def flame_model(self) -> FlameModel:
@@ -221,11 +210,7 @@ class KaoLRM(nnx.Module):
 
   def planes(self, images, cameras):
     """images [B, H, W, 3] in [0, 1], cameras [B, 16] -> planes [B, 3, 2r, 2r, C]."""
-    tokens = self.encoder(images)
-    if self.cfg.lrm.freeze_encoder:
-      tokens = jax.lax.stop_gradient(tokens)
-    cond = self.camera_embedder(cameras.astype(tokens.dtype))
-    return self.upsampler(self.transformer(tokens, cond))
+    return backbone_planes(self, images, cameras)
 
   def __call__(self, images, cameras, key, synth_focal=0.75,
                num_samples: Optional[int] = None) -> KaoLRMOutput:

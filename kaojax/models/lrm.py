@@ -43,6 +43,50 @@ class LRMConfig:
                        f"2 * triplane_low, got {self.triplane_high} and {self.triplane_low}")
 
 
+# Released OpenLRM sizes (spec section 1): encoder (width, heads), input size,
+# transformer (width, layers, heads), triplane channels. Head dim 64 everywhere.
+RELEASED_SIZES = {
+    "small": dict(encoder=(384, 6), image_size=224, dim=512, layers=12, heads=8, triplane_dim=32),
+    "base": dict(encoder=(768, 12), image_size=336, dim=768, layers=12, heads=12, triplane_dim=48),
+    "large": dict(encoder=(768, 12), image_size=448, dim=1024, layers=16, heads=16,
+                  triplane_dim=80),
+}
+
+
+def openlrm_config(name: str = "base", image_size: int = None, **overrides) -> LRMConfig:
+  """OpenLRM presets: 'tiny' (tests: 2 tiny blocks, 56 px, 4x4 token grid per plane)
+  or the released 'small' / 'base' / 'large' (camera embedding 1024, 32x32 tokens ->
+  64x64 planes). `image_size` replaces the preset's input size (the position table
+  is resized to it); `overrides` replace LRMConfig fields."""
+  if name == "tiny":
+    cfg = LRMConfig(encoder=Dinov2Config(dim=32, depth=2, heads=2, image_size=56),
+                    dim=32, layers=2, heads=2, camera_dim=32, triplane_low=4,
+                    triplane_high=8, triplane_dim=8)
+  elif name in RELEASED_SIZES:
+    size = dict(RELEASED_SIZES[name])
+    enc_dim, enc_heads = size.pop("encoder")
+    encoder = Dinov2Config(dim=enc_dim, depth=12, heads=enc_heads,
+                           image_size=size.pop("image_size"))
+    cfg = LRMConfig(encoder=encoder, **size)
+  else:
+    raise ValueError(f"unknown OpenLRM preset {name!r}: tiny, small, base or large")
+  if image_size is not None:
+    cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder,
+                                                               image_size=image_size))
+  return dataclasses.replace(cfg, **overrides)
+
+
+def with_runtime_options(cfg: LRMConfig, efficient_attention: bool = None, remat: bool = None,
+                         dtype: str = None) -> LRMConfig:
+  """The same network with other execution options (attention kernel,
+  rematerialisation, compute dtype), set on the encoder and the transformer alike.
+  Options left as None keep their value."""
+  options = {k: v for k, v in dict(efficient_attention=efficient_attention, remat=remat,
+                                   dtype=dtype).items() if v is not None}
+  return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **options),
+                             **options)
+
+
 def frozen(value, is_frozen: bool):
   """A parameter value with its gradient stopped when the module is frozen."""
   return jax.lax.stop_gradient(value) if is_frozen else value
@@ -245,6 +289,22 @@ def torch_linear_init(fan_in: int, kernel: bool, axes):
   return param_init(init, *axes)
 
 
+def backbone_planes(model, images, cameras):
+  """The image-to-triplane path shared by OpenLRM and KaoLRM: `model` has
+  `encoder`, `camera_embedder`, `transformer`, `upsampler` and an LRMConfig at
+  `model.cfg` or `model.cfg.lrm`.
+
+  images [B, H, W, 3] in [0, 1]; cameras [B, 16] -> planes [B, 3, 2r, 2r, C].
+  A frozen encoder's output has its gradient stopped (the upsampler stops its own).
+  """
+  cfg = getattr(model.cfg, "lrm", model.cfg)
+  tokens = model.encoder(images)
+  if cfg.freeze_encoder:
+    tokens = jax.lax.stop_gradient(tokens)
+  cond = model.camera_embedder(cameras.astype(tokens.dtype))
+  return model.upsampler(model.transformer(tokens, cond))
+
+
 class OpenLRM(nnx.Module):
   """The OpenLRM network: images [B, H, W, 3] in [0, 1] + source cameras [B, 16]
   -> planes [B, 3, 2r, 2r, C]; `query_points` decodes NeRF density and colour."""
@@ -258,15 +318,9 @@ class OpenLRM(nnx.Module):
     self.synthesizer = (PointDecoder(3 * cfg.triplane_dim, 4, rngs, dtype=cfg.dtype)
                         if nerf_decoder else None)
 
-  def encode(self, images):
-    tokens = self.encoder(images)
-    return jax.lax.stop_gradient(tokens) if self.cfg.freeze_encoder else tokens
-
   def planes(self, images, cameras):
     """images [B, H, W, 3], cameras [B, 16] -> planes [B, 3, 2r, 2r, C]."""
-    tokens = self.encode(images)
-    cond = self.camera_embedder(cameras.astype(tokens.dtype))
-    return self.upsampler(self.transformer(tokens, cond))
+    return backbone_planes(self, images, cameras)
 
   def __call__(self, images, cameras):
     return self.planes(images, cameras)

@@ -1,26 +1,45 @@
 """End-to-end KaoLRM (tiny preset, synthetic FLAME): wiring, sampling, gradients."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.geometry.cameras import default_openlrm_source_camera
-from kaojax.models.kaolrm import (FROZEN, FROZEN_MODULES, TRAINABLE, TRAINABLE_MODULES, KaoLRM,
-                                  kaolrm_config, nearest_gaussians)
+from kaojax.models.kaolrm import (FROZEN, FROZEN_MODULES, TRAINABLE, TRAINABLE_MODULES,
+                                  FlameBuffer, KaoLRM, kaolrm_config, nearest_gaussians)
 
 
-@pytest.fixture(scope="module")
-def flame():
-  return make_synthetic_flame(seed=0)
+def build(cfg, flame, seed=0):
+  """KaoLRM(cfg) with numpy-drawn weights: kernels N(0, 1/fan_in), biases 0.1 N(0, 1),
+  norm scales / LayerScale 1 + 0.1 N(0, 1), tokens 0.5 N(0, 1) (non-trivial values
+  everywhere, so a broken path cannot hide behind a zero). Built abstractly: the
+  random initialisers' per-shape compilation is the slowest part of a tiny model."""
+  rng = np.random.default_rng(seed)
+  model = nnx.eval_shape(lambda: KaoLRM(cfg, flame, nnx.Rngs(0)))
+  model.flame = FlameBuffer(flame)
+  state = nnx.state(model, nnx.Param)
+  for path, var in nnx.to_flat_state(state):
+    shape, name = var.get_value().shape, path[-1]
+    if name in ("scale", "gamma"):
+      value = 1 + 0.1 * rng.standard_normal(shape)
+    elif name == "bias":
+      value = 0.1 * rng.standard_normal(shape)
+    elif name == "kernel":
+      value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    else:
+      value = 0.5 * rng.standard_normal(shape)
+    var.set_value(jnp.asarray(value, np.float32))
+  nnx.update(model, state)
+  return model
 
 
 @pytest.fixture(scope="module")
 def setup(flame):
   cfg = kaolrm_config("tiny")
-  model = KaoLRM(cfg, flame, nnx.Rngs(0))
+  model = build(cfg, flame)
   size = cfg.lrm.encoder.image_size
   images = jax.random.uniform(jax.random.key(1), (2, size, size, 3))
   cameras = jnp.stack([default_openlrm_source_camera()] * 2)
@@ -91,12 +110,13 @@ def test_gradients_reach_trainable_and_not_frozen(setup):
 
 def test_remat_and_plain_attention_give_the_same_planes(setup, flame):
   cfg, model, images, cameras = setup
-  import dataclasses
   lrm = dataclasses.replace(cfg.lrm, remat=True, efficient_attention=False,
                             encoder=dataclasses.replace(cfg.lrm.encoder, remat=True,
                                                         efficient_attention=False))
-  other = KaoLRM(dataclasses.replace(cfg, lrm=lrm), flame, nnx.Rngs(0))
+  other = nnx.eval_shape(lambda: KaoLRM(dataclasses.replace(cfg, lrm=lrm), flame, nnx.Rngs(0)))
+  other.flame = FlameBuffer(flame)
   nnx.update(other, nnx.state(model, nnx.Param))
+  planes = nnx.jit(lambda m, x, c: m.planes(x, c))
   with jax.default_matmul_precision("highest"):
-    np.testing.assert_allclose(other.planes(images, cameras), model.planes(images, cameras),
+    np.testing.assert_allclose(planes(other, images, cameras), planes(model, images, cameras),
                                atol=1e-5)

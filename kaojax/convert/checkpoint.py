@@ -1,0 +1,157 @@
+"""Converted models on disk: an Orbax checkpoint that training and inference load.
+
+Layout of a model directory written by `save_model`:
+  kaojax_model.json   {"format": 1, "kind": "openlrm" | "kaolrm", "config": {...}}
+                      (the model's config dataclass as nested dicts)
+  params/             Orbax StandardCheckpointer tree = nnx.state(model, nnx.Param)
+                      as a pure dict (nnx paths, float arrays)
+  flame.npz           (KaoLRM only, when the model holds one) the FLAME model's
+                      arrays, field by field; its two static fields go in
+                      kaojax_model.json ("flame_static").
+
+`load_model(directory)` rebuilds the network abstractly from the JSON config (no
+random initialisation of weights about to be overwritten), restores the parameters
+and returns the model. Execution options that do not change the parameters
+(attention kernel, rematerialisation, compute dtype) can be changed at load time.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Optional, Union
+
+import jax
+import numpy as np
+from flax import nnx
+
+PathLike = Union[str, os.PathLike]
+META_FILE = "kaojax_model.json"
+PARAMS_DIR = "params"
+FLAME_FILE = "flame.npz"
+FORMAT = 1
+
+
+def config_to_dict(cfg) -> dict:
+  """A (nested) config dataclass -> JSON-ready dict."""
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls, data: dict, source: str = "config"):
+  """Inverse of `config_to_dict` for dataclass `cls`: nested dataclass fields are
+  rebuilt from their default's type, lists become tuples; unknown keys are an error
+  naming `source`."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - set(fields))
+  if unknown:
+    raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown}")
+  values = {}
+  for name, value in data.items():
+    default = fields[name].default
+    if dataclasses.is_dataclass(default):
+      value = config_from_dict(type(default), value, f"{source}.{name}")
+    elif isinstance(value, list):
+      value = tuple(value)
+    values[name] = value
+  return cls(**values)
+
+
+def _model_kind(model) -> str:
+  from kaojax.models.kaolrm import KaoLRM
+  from kaojax.models.lrm import OpenLRM
+  if isinstance(model, KaoLRM):
+    return "kaolrm"
+  if isinstance(model, OpenLRM):
+    return "openlrm"
+  raise TypeError(f"save_model: cannot save a {type(model).__name__} (OpenLRM or KaoLRM)")
+
+
+def _flame_arrays(flame) -> tuple:
+  arrays, static = {}, {}
+  for field in dataclasses.fields(flame):
+    value = getattr(flame, field.name)
+    if field.metadata.get("pytree_node", True):
+      arrays[field.name] = np.asarray(value)
+    else:
+      static[field.name] = list(value) if isinstance(value, tuple) else value
+  return arrays, static
+
+
+def save_model(directory: PathLike, model, overwrite: bool = False) -> pathlib.Path:
+  """Write an OpenLRM or KaoLRM model (config, parameters, FLAME model) to `directory`."""
+  import orbax.checkpoint as ocp
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and any(directory.iterdir()) and not overwrite:
+    raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True)")
+  kind = _model_kind(model)
+  directory.mkdir(parents=True, exist_ok=True)
+  meta = {"format": FORMAT, "kind": kind, "config": config_to_dict(model.cfg)}
+  if kind == "kaolrm":
+    arrays, static = _flame_arrays(model.flame_model)
+    np.savez(directory / FLAME_FILE, **arrays)
+    meta["flame_static"] = static
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / PARAMS_DIR, params, force=overwrite)
+  checkpointer.wait_until_finished()
+  (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+  return directory
+
+
+def read_meta(directory: PathLike) -> dict:
+  path = pathlib.Path(directory) / META_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{directory}: not a kaojax model directory (no {META_FILE})")
+  meta = json.loads(path.read_text())
+  if meta.get("format") != FORMAT or meta.get("kind") not in ("openlrm", "kaolrm"):
+    raise ValueError(f"{path}: unsupported format {meta.get('format')} / kind "
+                     f"{meta.get('kind')!r}")
+  return meta
+
+
+def load_flame_npz(directory: PathLike, meta: Optional[dict] = None):
+  """The FlameModel stored next to a KaoLRM checkpoint."""
+  from kaojax.flame import FlameModel
+  directory = pathlib.Path(directory)
+  meta = meta or read_meta(directory)
+  path = directory / FLAME_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no FLAME model stored; pass flame= to load_model")
+  with np.load(path) as data:
+    arrays = {k: jax.numpy.asarray(data[k]) for k in data.files}
+  static = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in meta.get("flame_static", {}).items()}
+  return FlameModel(**arrays, **static)
+
+
+def load_model(directory: PathLike, flame=None, efficient_attention: Optional[bool] = None,
+               remat: Optional[bool] = None, dtype: Optional[str] = None):
+  """An OpenLRM or KaoLRM model from a directory written by `save_model`.
+
+  flame: a FlameModel replacing the stored one (KaoLRM). efficient_attention / remat /
+  dtype: execution options (None keeps the saved value)."""
+  import orbax.checkpoint as ocp
+  from kaojax.models.kaolrm import FlameBuffer, KaoLRM, KaoLRMConfig
+  from kaojax.models.lrm import LRMConfig, OpenLRM, with_runtime_options
+  directory = pathlib.Path(directory).absolute()
+  meta = read_meta(directory)
+  source = str(directory / META_FILE)
+  if meta["kind"] == "kaolrm":
+    cfg = config_from_dict(KaoLRMConfig, meta["config"], source)
+    cfg = dataclasses.replace(cfg, lrm=with_runtime_options(cfg.lrm, efficient_attention,
+                                                            remat, dtype))
+    if flame is None:
+      flame = load_flame_npz(directory, meta)
+    model = nnx.eval_shape(lambda: KaoLRM(cfg, flame, nnx.Rngs(0)))
+    model.flame = FlameBuffer(flame)
+  else:
+    cfg = with_runtime_options(config_from_dict(LRMConfig, meta["config"], source),
+                               efficient_attention, remat, dtype)
+    model = nnx.eval_shape(lambda: OpenLRM(cfg, nnx.Rngs(0)))
+  state = nnx.state(model, nnx.Param)
+  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                        nnx.to_pure_dict(state))
+  restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, state)
+  return model
