@@ -1,0 +1,266 @@
+"""FaceLift inference: one face image -> 6 generated views -> GS-LRM 3D Gaussians ->
+gaussians.ply, renders at the 6 cameras and a turntable.
+
+Stages (S = image size, V = 6 views, f = VAE downsampling, all NHWC):
+1. conditioning: CLIP image embedding of the input (noise-augmented at `noise_level`
+   through the unCLIP normaliser: scale, DDPM-noise with the cosine schedule, unscale)
+   ++ sinusoidal embedding of the noise level -> class_labels [V, 2P]; input VAE latent
+   (posterior mean x scaling) [V, S/f, S/f, 4]; per-view text embeddings [V, T, Dc]
+   read from a file.
+2. multi-view diffusion: DDIM (v-prediction, eta) over the UNet with classifier-free
+   guidance; batch [uncond (zero class labels, zero image latents) ; cond]; the UNet's
+   sparse attention groups each set of V views. Decode z / scaling, x/2 + 0.5 in [0, 1].
+3. GS-LRM on the V views at FaceLift's fixed cameras -> Gaussians, post-filter,
+   .ply export, renders (white background) and a turntable.
+
+Not included: background removal and MTCNN face cropping (the input must already be
+the 512 x 512 FaceLift crop on white), and the text encoder (embeddings come from a
+file). `tiny_models` builds random-weight presets that run on CPU in seconds.
+"""
+
+import dataclasses
+import pathlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kaojax.geometry.cameras import (FACELIFT_FOV_DEG, FACELIFT_RADIUS, facelift_cameras,
+                                     intrinsics_from_fov, orbit_cameras)
+from kaojax.models.gslrm import GSLRM, GSLRMConfig, PostFilter, post_filter_mask
+from kaojax.models.mvdiffusion.clip import CLIPVisionConfig, CLIPVisionEncoder, preprocess
+from kaojax.models.mvdiffusion.layers import timestep_embedding
+from kaojax.models.mvdiffusion.scheduler import DDIM, SchedulerConfig, add_noise, alphas_cumprod
+from kaojax.models.mvdiffusion.unet import UNet, UNetConfig
+from kaojax.models.mvdiffusion.vae import VAE, VAEConfig
+
+# SD2.1-unCLIP's image-noising scheduler (DDPM, cosine schedule).
+NOISING_SCHEDULER = SchedulerConfig(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                                    steps_offset=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceLiftConfig:
+  image_size: int = 512
+  num_views: int = 6
+  num_steps: int = 50
+  guidance_scale: float = 3.0
+  eta: float = 1.0
+  noise_level: int = 0
+  seed: int = 0
+  turntable_frames: int = 150
+  turntable_fps: int = 30
+  post_filter: PostFilter = PostFilter()
+  scheduler: SchedulerConfig = SchedulerConfig()
+
+
+@dataclasses.dataclass
+class FaceLiftModels:
+  unet: UNet
+  vae: VAE
+  clip: CLIPVisionEncoder
+  gslrm: GSLRM
+  text_embeddings: jax.Array          # [V, T, cross_attention_dim]
+  normalizer_mean: jax.Array          # [P] unCLIP image-embedding statistics
+  normalizer_std: jax.Array           # [P]
+
+
+def load_text_embeddings(path) -> np.ndarray:
+  """Per-view prompt embeddings [V, T, D] from .npy, .npz (first array), .safetensors
+  (first tensor) or a torch .pt/.bin tensor (e.g. FaceLift's clr_embeds.pt, fp16)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"text embeddings not found: {path}")
+  if path.suffix == ".npy":
+    arr = np.load(path)
+  elif path.suffix == ".npz":
+    with np.load(path) as data:
+      arr = data[data.files[0]]
+  elif path.suffix == ".safetensors":
+    from safetensors.numpy import load_file
+    tensors = load_file(str(path))
+    arr = tensors[sorted(tensors)[0]]
+  else:
+    import torch
+    arr = torch.load(str(path), map_location="cpu", weights_only=True).float().numpy()
+  arr = np.asarray(arr, np.float32)
+  if arr.ndim != 3:
+    raise ValueError(f"{path}: text embeddings must be [views, tokens, dim], got {arr.shape}")
+  return arr
+
+
+def tiny_models(num_views: int = 6, seed: int = 0) -> FaceLiftModels:
+  """Random-weight presets with FaceLift's structure at toy sizes (for CPU tests):
+  8-channel UNet with projection class embedding, 2-level VAE (f = 2), 1-layer CLIP,
+  1-layer GS-LRM with patch 8."""
+  rngs = nnx.Rngs(seed)
+  clip_cfg = CLIPVisionConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64,
+                              patch_size=8, image_size=32, projection_dim=16)
+  unet_cfg = UNetConfig(in_channels=8, out_channels=4, block_out_channels=(32, 64),
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                        heads=(2, 4), transformer_layers=(1, 1), cross_attention_dim=24,
+                        norm_num_groups=8, projection_class_embeddings_input_dim=32,
+                        num_views=num_views)
+  vae_cfg = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+  gslrm_cfg = GSLRMConfig(dim=64, heads=2, head_dim=32, layers=1, patch=8)
+  key = jax.random.key(seed + 1)
+  return FaceLiftModels(
+      unet=UNet(unet_cfg, rngs), vae=VAE(vae_cfg, rngs), clip=CLIPVisionEncoder(clip_cfg, rngs),
+      gslrm=GSLRM(gslrm_cfg, rngs),
+      text_embeddings=jax.random.normal(key, (num_views, 5, 24)),
+      normalizer_mean=jnp.zeros(16), normalizer_std=jnp.ones(16))
+
+
+# ----------------------------------------------------------------------------
+# Stage 1: conditioning.
+
+
+def image_class_labels(models: FaceLiftModels, image, noise_level: int, key):
+  """image [H, W, 3] in [0, 1] -> class_labels [1, 2P] (noise-augmented CLIP embedding
+  ++ noise-level embedding)."""
+  pixels = preprocess(image[None], models.clip.cfg.image_size)
+  embeds = models.clip(pixels)                                        # [1, P]
+  scaled = (embeds - models.normalizer_mean) / models.normalizer_std
+  a = jnp.asarray(alphas_cumprod(NOISING_SCHEDULER))
+  noisy = add_noise(a, scaled, jax.random.normal(key, scaled.shape), jnp.array([noise_level]))
+  embeds = noisy * models.normalizer_std + models.normalizer_mean
+  level = timestep_embedding(jnp.array([noise_level]), embeds.shape[-1], True, 0.0)
+  return jnp.concatenate([embeds, level], axis=-1)
+
+
+def image_latent(models: FaceLiftModels, image):
+  """image [H, W, 3] in [0, 1] -> scaled posterior mean [1, H/f, W/f, 4]."""
+  mean, _ = models.vae.encode(image[None] * 2.0 - 1.0)
+  return mean * models.vae.cfg.scaling_factor
+
+
+# ----------------------------------------------------------------------------
+# Stage 2: multi-view diffusion.
+
+
+@nnx.jit(static_argnames=("num_steps", "eta", "guidance_scale", "scheduler"))
+def _denoise_step(unet, latents, t, image_latents, class_labels, text, noise, *, num_steps,
+                  eta, guidance_scale, scheduler):
+  """One guided DDIM step for V views. latents [V, h, w, 4]; image_latents [V, h, w, 4];
+  class_labels [V, 2P]; text [V, T, D]; noise [V, h, w, 4]."""
+  ddim = DDIM(scheduler)
+  both = lambda x: jnp.concatenate([jnp.zeros_like(x), x], 0)     # [uncond ; cond]
+  model_in = jnp.concatenate([jnp.concatenate([latents, latents], 0), both(image_latents)], -1)
+  out = unet(model_in, t, jnp.concatenate([text, text], 0), both(class_labels))
+  uncond, cond = jnp.split(out, 2, axis=0)
+  guided = uncond + guidance_scale * (cond - uncond)
+  prev, _ = ddim.step(guided, t, latents, num_steps, eta=eta, noise=noise)
+  return prev
+
+
+def generate_views(models: FaceLiftModels, image, cfg: FaceLiftConfig, key=None):
+  """image [S, S, 3] in [0, 1] -> views [V, S, S, 3] in [0, 1]."""
+  key = jax.random.key(cfg.seed) if key is None else key
+  k_aug, k_init, k_steps = jax.random.split(key, 3)
+  views = cfg.num_views
+  if models.text_embeddings.shape[0] != views:
+    raise ValueError(f"text embeddings hold {models.text_embeddings.shape[0]} views, "
+                     f"config asks for {views}")
+  if models.unet.cfg.num_views != views:
+    raise ValueError(f"the UNet groups {models.unet.cfg.num_views} views, config asks for {views}")
+  labels = jnp.repeat(image_class_labels(models, image, cfg.noise_level, k_aug), views, 0)
+  cond_latents = jnp.repeat(image_latent(models, image), views, 0)
+  latents = jax.random.normal(k_init, cond_latents.shape)       # DDIM init sigma is 1
+  ddim = DDIM(cfg.scheduler)
+  for i, t in enumerate(ddim.timesteps(cfg.num_steps)):
+    noise = jax.random.normal(jax.random.fold_in(k_steps, i), latents.shape)
+    latents = _denoise_step(models.unet, latents, jnp.int32(t), cond_latents, labels,
+                            models.text_embeddings, noise, num_steps=cfg.num_steps,
+                            eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+                            scheduler=cfg.scheduler)
+  decoded = nnx.jit(lambda vae, z: vae.decode(z))(models.vae,
+                                                 latents / models.vae.cfg.scaling_factor)
+  return jnp.clip(decoded / 2.0 + 0.5, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Stage 3: reconstruction and outputs.
+
+
+def reconstruct(models: FaceLiftModels, views, size: Optional[int] = None):
+  """views [V, S, S, 3] at FaceLift's cameras -> GSLRMOutput (batch 1)."""
+  size = views.shape[1] if size is None else size
+  c2w, K = facelift_cameras(size=size)
+  c2w, K = c2w[:views.shape[0]], K[:views.shape[0]]
+  return nnx.jit(lambda m, *a: m(*a))(models.gslrm, views[None], c2w[None], K[None])
+
+
+def render(gaussians, c2w, K, size: int):
+  """Gaussians [N, *] at cameras c2w [C, 4, 4] -> images [C, S, S, 3] (white background).
+  Needs `kaojax.render.rasterize_gaussians`."""
+  from kaojax.render import rasterize_gaussians
+  out = rasterize_gaussians(gaussians, jnp.linalg.inv(c2w), K, size, size, jnp.ones(3))
+  return out["color"]
+
+
+def turntable_cameras(frames: int, size: int):
+  """FaceLift's turntable: azimuth 270..630 deg (frames, endpoint excluded), elevation 0,
+  radius 2.7, 50 deg FOV. Returns c2w [F, 4, 4], K [F, 3, 3]."""
+  az = jnp.linspace(270.0, 630.0, frames, endpoint=False)
+  c2w = orbit_cameras(az, 0.0, FACELIFT_RADIUS, up="z")
+  K = jnp.broadcast_to(intrinsics_from_fov(FACELIFT_FOV_DEG, size, size), (frames, 3, 3))
+  return c2w, K
+
+
+def _save_png(path, image):
+  from PIL import Image
+  Image.fromarray(np.asarray(np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255), np.uint8)).save(path)
+
+
+def _save_video(path: pathlib.Path, frames, fps: int) -> pathlib.Path:
+  """turntable.mp4 when an ffmpeg backend is installed, else an animated GIF next to it."""
+  import imageio.v3 as iio
+  frames = np.asarray(np.clip(np.asarray(frames) * 255.0 + 0.5, 0, 255), np.uint8)
+  try:
+    iio.imwrite(path, frames, fps=fps)
+    return path
+  except Exception:                                      # no ffmpeg / pyav plugin
+    gif = path.with_suffix(".gif")
+    iio.imwrite(gif, frames, duration=1000.0 / fps, loop=0)
+    return gif
+
+
+def run(models: FaceLiftModels, image, out_dir, cfg: FaceLiftConfig = FaceLiftConfig(),
+        render_outputs: bool = True) -> dict:
+  """Full pipeline on one pre-cropped image [S, S, 3] in [0, 1]; writes input.png,
+  multiview.png, gaussians.ply and (with a renderer) output.png and the turntable.
+  Returns {name: path or array}."""
+  from kaojax.export.ply import write_gslrm_ply
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  image = jnp.asarray(image, jnp.float32)
+  if image.shape != (cfg.image_size, cfg.image_size, 3):
+    raise ValueError(f"image must be [{cfg.image_size}, {cfg.image_size}, 3] in [0, 1], "
+                     f"got {image.shape}")
+  result = {}
+  _save_png(out_dir / "input.png", image)
+  views = generate_views(models, image, cfg)
+  result["views"] = views
+  _save_png(out_dir / "multiview.png", jnp.concatenate(list(views), axis=1))
+  recon = reconstruct(models, views)
+  keep = np.asarray(post_filter_mask(recon.xyz[0], recon.scales[0], recon.opacities[0],
+                                     cfg.post_filter))
+  result["gaussians"] = recon
+  result["keep"] = keep
+  result["ply"] = write_gslrm_ply(out_dir / "gaussians.ply", recon, mask=keep)
+  result.update(input=out_dir / "input.png", multiview=out_dir / "multiview.png")
+  if render_outputs:
+    g = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)[0][keep]),
+                               recon.gaussians())
+    c2w, K = facelift_cameras(size=cfg.image_size)
+    renders = render(g, c2w[:cfg.num_views], K[:cfg.num_views], cfg.image_size)
+    result["renders"] = renders
+    _save_png(out_dir / "output.png", jnp.concatenate(list(renders), axis=1))
+    result["output"] = out_dir / "output.png"
+    tc2w, tK = turntable_cameras(cfg.turntable_frames, cfg.image_size)
+    frames = render(g, tc2w, tK, cfg.image_size)
+    result["turntable"] = _save_video(out_dir / "turntable.mp4", frames, cfg.turntable_fps)
+  return result
