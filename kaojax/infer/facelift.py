@@ -91,11 +91,33 @@ def load_text_embeddings(path) -> np.ndarray:
   return arr
 
 
+def random_init(build, seed: int = 0):
+  """Build a module with random weights without running its initializers (eager
+  initializers compile one XLA program per shape, which is slow on CPU): kernels
+  N(0, 1/fan_in), LayerNorm/GroupNorm scales 1, biases 0.1 N(0, 1), other parameters
+  (tokens, position tables) 0.02 N(0, 1)."""
+  model = nnx.eval_shape(build)
+  rng = np.random.default_rng(seed)
+  state = nnx.state(model, nnx.Param)
+  for path, var in nnx.to_flat_state(state):
+    shape, name = var.get_value().shape, str(path[-1])
+    if name == "kernel":
+      value = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
+    elif name == "scale":
+      value = np.ones(shape)
+    elif name == "bias":
+      value = 0.1 * rng.normal(size=shape)
+    else:
+      value = 0.02 * rng.normal(size=shape)
+    var.set_value(jnp.asarray(value, jnp.float32))
+  nnx.update(model, state)
+  return model
+
+
 def tiny_models(num_views: int = 6, seed: int = 0) -> FaceLiftModels:
   """Random-weight presets with FaceLift's structure at toy sizes (for CPU tests):
   8-channel UNet with projection class embedding, 2-level VAE (f = 2), 1-layer CLIP,
   1-layer GS-LRM with patch 8."""
-  rngs = nnx.Rngs(seed)
   clip_cfg = CLIPVisionConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64,
                               patch_size=8, image_size=32, projection_dim=16)
   unet_cfg = UNetConfig(in_channels=8, out_channels=4, block_out_channels=(32, 64),
@@ -108,8 +130,10 @@ def tiny_models(num_views: int = 6, seed: int = 0) -> FaceLiftModels:
   gslrm_cfg = GSLRMConfig(dim=64, heads=2, head_dim=32, layers=1, patch=8)
   key = jax.random.key(seed + 1)
   return FaceLiftModels(
-      unet=UNet(unet_cfg, rngs), vae=VAE(vae_cfg, rngs), clip=CLIPVisionEncoder(clip_cfg, rngs),
-      gslrm=GSLRM(gslrm_cfg, rngs),
+      unet=random_init(lambda: UNet(unet_cfg, nnx.Rngs(0)), seed),
+      vae=random_init(lambda: VAE(vae_cfg, nnx.Rngs(0)), seed + 1),
+      clip=random_init(lambda: CLIPVisionEncoder(clip_cfg, nnx.Rngs(0)), seed + 2),
+      gslrm=random_init(lambda: GSLRM(gslrm_cfg, nnx.Rngs(0)), seed + 3),
       text_embeddings=jax.random.normal(key, (num_views, 5, 24)),
       normalizer_mean=jnp.zeros(16), normalizer_std=jnp.ones(16))
 
@@ -121,8 +145,7 @@ def tiny_models(num_views: int = 6, seed: int = 0) -> FaceLiftModels:
 def image_class_labels(models: FaceLiftModels, image, noise_level: int, key):
   """image [H, W, 3] in [0, 1] -> class_labels [1, 2P] (noise-augmented CLIP embedding
   ++ noise-level embedding)."""
-  pixels = preprocess(image[None], models.clip.cfg.image_size)
-  embeds = models.clip(pixels)                                        # [1, P]
+  embeds = _clip_embed(models.clip, image[None])                      # [1, P]
   scaled = (embeds - models.normalizer_mean) / models.normalizer_std
   a = jnp.asarray(alphas_cumprod(NOISING_SCHEDULER))
   noisy = add_noise(a, scaled, jax.random.normal(key, scaled.shape), jnp.array([noise_level]))
@@ -131,10 +154,19 @@ def image_class_labels(models: FaceLiftModels, image, noise_level: int, key):
   return jnp.concatenate([embeds, level], axis=-1)
 
 
+@nnx.jit
+def _clip_embed(clip, images):
+  return clip(preprocess(images, clip.cfg.image_size))
+
+
+@nnx.jit
+def _encode_mean(vae, images):
+  return vae.encode(images)[0]
+
+
 def image_latent(models: FaceLiftModels, image):
   """image [H, W, 3] in [0, 1] -> scaled posterior mean [1, H/f, W/f, 4]."""
-  mean, _ = models.vae.encode(image[None] * 2.0 - 1.0)
-  return mean * models.vae.cfg.scaling_factor
+  return _encode_mean(models.vae, image[None] * 2.0 - 1.0) * models.vae.cfg.scaling_factor
 
 
 # ----------------------------------------------------------------------------
@@ -256,11 +288,13 @@ def run(models: FaceLiftModels, image, out_dir, cfg: FaceLiftConfig = FaceLiftCo
     g = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)[0][keep]),
                                recon.gaussians())
     c2w, K = facelift_cameras(size=cfg.image_size)
-    renders = render(g, c2w[:cfg.num_views], K[:cfg.num_views], cfg.image_size)
+    tc2w, tK = turntable_cameras(cfg.turntable_frames, cfg.image_size)
+    v = cfg.num_views                      # one renderer call (one compile) for all cameras
+    images = render(g, jnp.concatenate([c2w[:v], tc2w]), jnp.concatenate([K[:v], tK]),
+                    cfg.image_size)
+    renders, frames = images[:v], images[v:]
     result["renders"] = renders
     _save_png(out_dir / "output.png", jnp.concatenate(list(renders), axis=1))
     result["output"] = out_dir / "output.png"
-    tc2w, tK = turntable_cameras(cfg.turntable_frames, cfg.image_size)
-    frames = render(g, tc2w, tK, cfg.image_size)
     result["turntable"] = _save_video(out_dir / "turntable.mp4", frames, cfg.turntable_fps)
   return result
