@@ -230,17 +230,24 @@ class KaoLRM(nnx.Module):
                         landmarks=mesh.landmarks3d, gaussians=gaussians,
                         face_idx=face_idx, bary=bary)
 
-  def render(self, out: KaoLRMOutput, viewmats, Ks, width: int, height: int, background):
-    """Renders the Gaussians (2DGS surfels) and the FLAME mesh.
+  def render(self, out: KaoLRMOutput, viewmats, Ks, width: int, height: int, background=None,
+             mesh: bool = True) -> dict:
+    """Renders the Gaussians as 2D surfels and (when `mesh`) the FLAME mesh.
 
-    viewmats [B, V, 4, 4] OpenCV world-to-camera (FLAME world); Ks [B, V, 3, 3];
-    background [B, V, 3] or [3]. Returns {"surfels": color/alpha/depth/normal,
-    "mesh": depth/normal/mask/face_id/bary} as given by kaojax.render.
+    viewmats [B, V, 4, 4] OpenCV world-to-camera in the FLAME world; Ks [B, V, 3, 3]
+    pixels; background [B, V, 3] / [3] / None (black). Returns {"surfels": dict color
+    [B, V, H, W, 3], alpha, depth, normal (kaojax.render.rasterize_surfels), "mesh":
+    dict depth, normal, mask, face_id, bary (kaojax.render.rasterize_mesh)}. Values
+    are the renderers' own (no clamping); the renderer is imported here so that the
+    network can be built and trained without it.
     """
     from kaojax.render import rasterize_mesh, rasterize_surfels
-    surfels = rasterize_surfels(out.gaussians, viewmats, Ks, width, height, background)
-    mesh = rasterize_mesh(out.vertices, self.flame_model.faces, viewmats, Ks, width, height)
-    return {"surfels": surfels, "mesh": mesh}
+    renders = {"surfels": rasterize_surfels(out.gaussians, viewmats, Ks, width, height,
+                                            background)}
+    if mesh:
+      renders["mesh"] = rasterize_mesh(out.vertices, self.flame_model.faces, viewmats, Ks,
+                                       width, height)
+    return renders
 
 
 def nearest_gaussians(gaussians: Gaussians, camera_center, keep: int) -> Gaussians:

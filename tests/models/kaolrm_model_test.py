@@ -83,16 +83,33 @@ def test_forward_wiring(setup, flame):
 
 
 def test_gradients_reach_trainable_and_not_frozen(setup):
+  """image -> KaoLRM -> surfel and mesh renders at the canonical FLAME camera (and
+  the landmarks and FLAME coefficients): every trainable parameter gets a gradient,
+  the frozen encoder and upsampler none."""
+  from kaojax.geometry.cameras import intrinsics, invert_pose, look_at
   cfg, model, images, cameras = setup
+  size = 24
+  c2w = look_at(jnp.array([0.0, 0.0, 2.0]), jnp.zeros(3), jnp.array([0.0, 1.0, 0.0]))
+  viewmats = jnp.broadcast_to(invert_pose(c2w), (2, 1, 4, 4))
+  focal = 0.75 * size   # KaoLRM's multiview render focal (normalised 0.75)
+  Ks = jnp.broadcast_to(intrinsics(focal, focal, size / 2, size / 2), (2, 1, 3, 3))
 
   def loss_fn(m):
-    out = m(images, cameras, jax.random.key(0))
-    g = out.gaussians
-    return (jnp.mean(g.colors) + jnp.mean(g.opacities) + jnp.mean(g.scales)
-            + jnp.mean(g.quats * jnp.arange(4.0)) + jnp.mean(g.means ** 2)
-            + jnp.mean(out.landmarks ** 2) + jnp.mean(out.flame.shape ** 2))
+    out = m(images, cameras, jax.random.key(0), synth_focal=0.75)
+    renders = m.render(out, viewmats, Ks, size, size, jnp.ones(3))
+    surfels, mesh = renders["surfels"], renders["mesh"]
+    loss = (jnp.mean((surfels["color"] - 0.5) ** 2) + jnp.mean(surfels["alpha"])
+            + jnp.mean(jnp.abs(surfels["depth"] - mesh["depth"]))
+            + jnp.mean(out.landmarks ** 2) + jnp.mean(out.flame.shape ** 2)
+            + jnp.mean(out.flame.expression ** 2))
+    return loss, renders
 
-  grads = nnx.jit(nnx.grad(loss_fn))(model)
+  grads, renders = nnx.jit(nnx.grad(loss_fn, has_aux=True))(model)
+  surfels, mesh = renders["surfels"], renders["mesh"]
+  assert surfels["color"].shape == (2, 1, size, size, 3)
+  assert mesh["depth"].shape == (2, 1, size, size)
+  assert np.any(np.asarray(surfels["alpha"]) > 0.1) and np.any(np.asarray(mesh["mask"]))
+
   flat = {"/".join(map(str, path)): np.asarray(v.get_value())
           for path, v in nnx.to_flat_state(grads)}
   trainable = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, TRAINABLE))}
@@ -120,3 +137,4 @@ def test_remat_and_plain_attention_give_the_same_planes(setup, flame):
   with jax.default_matmul_precision("highest"):
     np.testing.assert_allclose(planes(other, images, cameras), planes(model, images, cameras),
                                atol=1e-5)
+
