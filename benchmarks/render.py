@@ -65,7 +65,7 @@ def main():
                            "marked as such - views are independent, so work is linear)")
   args = parser.parse_args()
   num, size, views = (600, 48, 2) if args.quick else (8000, 192, 16)
-  capacity = args.capacity or (600 if args.quick else 768)
+  capacity = args.capacity or 1024
   repeats = args.repeats or 1
   dense_views = min(views, args.dense_views or (views if args.quick else 2))
 

@@ -33,7 +33,11 @@ def project_gaussians(means, quats, scales, viewmats, Ks, width: int, height: in
   M = quat_to_matrix(quats) * scales[..., None, :]
   cov_w = M @ jnp.swapaxes(M, -1, -2)
   cov_c = R @ cov_w @ jnp.swapaxes(R, -1, -2)
-  tx, ty, tz = means_c[..., 0], means_c[..., 1], means_c[..., 2]
+  tx, ty, tz_raw = means_c[..., 0], means_c[..., 1], means_c[..., 2]
+  # culled splats (behind the near plane) get a dummy depth so that nothing
+  # downstream (values or gradients) is inf/NaN
+  in_front = tz_raw > near_plane
+  tz = jnp.where(in_front, tz_raw, 1.0)
   fx, fy = Ks[..., None, 0, 0], Ks[..., None, 1, 1]
   cx, cy = Ks[..., None, 0, 2], Ks[..., None, 1, 2]
   tan_fovx, tan_fovy = 0.5 * width / fx, 0.5 * height / fy
@@ -57,11 +61,11 @@ def project_gaussians(means, quats, scales, viewmats, Ks, width: int, height: in
                       cov2d[..., 0, 0] / det], -1)
   diag = jnp.stack([cov2d[..., 0, 0], cov2d[..., 1, 1]], -1)
   radii = jax.lax.stop_gradient(jnp.ceil(3.33 * jnp.sqrt(jnp.maximum(diag, 0.0))))
-  valid = (det_raw > 0) & (tz > near_plane) & (tz < far_plane)
+  valid = (det_raw > 0) & in_front & (tz_raw < far_plane)
   inside = ((means2d[..., 0] + radii[..., 0] > 0) & (means2d[..., 0] - radii[..., 0] < width)
             & (means2d[..., 1] + radii[..., 1] > 0) & (means2d[..., 1] - radii[..., 1] < height))
   radii = jnp.where(jax.lax.stop_gradient(valid & inside)[..., None], radii, 0.0)
-  return dict(means2d=means2d, depths=tz, conics=conics, radii=radii)
+  return dict(means2d=means2d, depths=tz_raw, conics=conics, radii=radii)
 
 
 def gaussian_alpha(prim, pixels):
@@ -100,7 +104,7 @@ def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, backgr
                                              "block_size"))
 def rasterize_gaussians(gaussians: Gaussians, viewmats, Ks, width: int, height: int,
                         background=None, *, eps2d: float = EPS2D, near_plane: float = 0.01,
-                        far_plane: float = 1e10, tile_size: int = 16, tile_capacity: int = 256,
+                        far_plane: float = 1e10, tile_size: int = 16, tile_capacity: int = 1024,
                         block_size: int = 16):
   """Render 3D Gaussians (EWA splatting, SH degree 0 colours).
 

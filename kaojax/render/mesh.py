@@ -115,7 +115,9 @@ def _rasterize_one_view(vertices, normals, viewmat, K, *, faces, grid, near_plan
   ys, xs = jnp.meshgrid(jnp.arange(grid.height), jnp.arange(grid.width), indexing="ij")
   pixels = jnp.stack([xs, ys], -1).astype(tri_pix.dtype) + 0.5
   bary_s, _ = screen_barycentrics(tri_pix[fid], pixels)           # [H, W, 3]
-  bary, depth = perspective_correct(bary_s, tri_z[fid])
+  # background pixels read face 0, which may sit behind the camera: keep its
+  # depths finite so masked-out values cannot turn gradients into NaN
+  bary, depth = perspective_correct(bary_s, jnp.where(mask[..., None], tri_z[fid], 1.0))
   n_cam = jnp.einsum("ij,vj->vi", viewmat[:3, :3], normals)
   n = jnp.einsum("hwk,hwkc->hwc", bary, n_cam[faces[fid]])
   n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
@@ -128,7 +130,7 @@ def _rasterize_one_view(vertices, normals, viewmat, K, *, faces, grid, near_plan
                                              "tile_capacity", "block_size"))
 def rasterize_mesh(vertices, faces, viewmats, Ks, width: int, height: int, *,
                    normals=None, near_plane: float = 0.01, tile_size: int = 16,
-                   tile_capacity: int = 512, block_size: int = 32):
+                   tile_capacity: int = 1024, block_size: int = 32):
   """Rasterize a triangle mesh.
 
   vertices: [v..., V, 3] world positions; faces: [F, 3] int (shared by the batch)

@@ -124,7 +124,7 @@ def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, backgr
                                              "tile_size", "tile_capacity", "block_size"))
 def rasterize_surfels(gaussians: Gaussians, viewmats, Ks, width: int, height: int,
                       background=None, *, near_plane: float = 0.01, far_plane: float = 1e10,
-                      tile_size: int = 16, tile_capacity: int = 256, block_size: int = 16):
+                      tile_size: int = 16, tile_capacity: int = 1024, block_size: int = 16):
   """Render 2D Gaussian surfels.
 
   gaussians: `Gaussians` with means [g..., N, 3] etc. (scales[..., 2] ignored)

@@ -94,8 +94,9 @@ def gaussian_tile_rect(grid: TileGrid, means2d, radii):
 class TileBins:
   """Per-tile primitive lists for one view.
 
-  ids:      [num_tiles, capacity] int32 primitive indices, nearest first
-  valid:    [num_tiles, capacity] bool (False for unused slots)
+  ids:      [num_tiles, K] int32 primitive indices, nearest first, with
+            K = min(capacity, N)
+  valid:    [num_tiles, K] bool (False for unused slots)
   counts:   [num_tiles] int32 primitives covering each tile (before capping)
   overflow: [] int32 number of (tile, primitive) pairs dropped by the cap
   """
@@ -129,10 +130,6 @@ def bin_to_tiles(grid: TileGrid, tile_min, tile_max, active, sort_key, capacity:
     return ids.astype(jnp.int32), top > -jnp.inf, jnp.sum(hit, dtype=jnp.int32)
 
   ids, valid, counts = jax.lax.map(one_tile, tile_ids, batch_size=min(tile_chunk, grid.num_tiles))
-  if k < capacity:  # fewer primitives than slots: pad with unused slots
-    pad = capacity - k
-    ids = jnp.pad(ids, ((0, 0), (0, pad)))
-    valid = jnp.pad(valid, ((0, 0), (0, pad)))
   overflow = jnp.sum(jnp.maximum(counts - capacity, 0))
   return TileBins(ids=ids, valid=valid, counts=counts, overflow=overflow)
 

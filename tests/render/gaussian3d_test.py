@@ -77,3 +77,15 @@ def test_gradients_match_finite_differences_float64():
               + jnp.sum(wd * out["depth"] * out["alpha"]))
 
     _directional_check(loss, (g, jnp.asarray(viewmats)), seed=28)
+
+
+def test_gradients_finite_with_splats_behind_the_camera():
+  from kaojax.render import rasterize_surfels
+  g = jax.tree_util.tree_map(jnp.asarray, random_gaussians(29, (), n=40, spread=3.0))
+  viewmats, Ks = orbit_views(30, (), distance=2.0)
+  behind = np.einsum("ij,nj->ni", viewmats[:3, :3], g.means)[:, 2] + viewmats[2, 3] < 0
+  assert behind.sum() > 3
+  for render in (rasterize_gaussians, rasterize_surfels):
+    grads = jax.grad(lambda gg: jnp.sum(render(gg, viewmats, Ks, W, H)["color"]))(g)
+    for leaf in jax.tree_util.tree_leaves(grads):
+      assert np.all(np.isfinite(np.asarray(leaf)))

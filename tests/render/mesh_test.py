@@ -184,3 +184,12 @@ def test_textured_plane_matches_analytic_uv():
   np.testing.assert_allclose(colors[..., 0][ok], (x_w * 0.4 + 0.5)[ok], atol=2e-5)
   np.testing.assert_allclose(colors[..., 1][ok], (y_w * 0.4 + 0.5)[ok], atol=2e-5)
   np.testing.assert_allclose(z[ok], (2.0 + 0.3 * x_w)[ok], rtol=1e-5)
+
+
+def test_gradients_finite_with_vertices_behind_the_camera():
+  verts, faces = _sphere()
+  viewmats, Ks = _cameras(8, 1, distance=0.5)          # camera inside the sphere's reach
+  grads = jax.grad(lambda v: jnp.sum(rasterize_mesh(v, faces, viewmats, Ks, W, H)["depth"])
+                   + jnp.sum(rasterize_mesh(v, faces, viewmats, Ks, W, H)["normal"]))(
+                       jnp.asarray(verts))
+  assert np.all(np.isfinite(np.asarray(grads)))
