@@ -10,11 +10,11 @@ views; --quick: 600 surfels, 48x48, 2 views.
 - dense: the same compositing math with ONE tile covering the whole image and
   capacity N, i.e. every surfel evaluated at every pixel in depth order (scanned
   in blocks of 128 so it fits in memory at all).
-The dense compositor is slow on a CPU: by default it renders 2 of the 16 views
+The dense compositor is slow on a CPU: by default it renders 1 of the 16 views
 and its times are scaled to 16 (flagged in the JSON); --dense-views 16 measures
 all. Both are jitted; forward = colour/alpha/depth/normal, backward = gradient of a
 weighted sum of all four w.r.t. every Gaussian parameter. Times are the best of
-a few warm runs; memory is XLA's compiled buffer estimate (arguments + outputs +
+--repeats runs of the AOT-compiled function (compile time reported apart); memory is XLA's compiled buffer estimate (arguments + outputs +
 temporaries) and, on a GPU, the device's peak bytes in use.
 The last stdout line is one JSON object.
 """
@@ -31,22 +31,22 @@ from kaojax.render.demo import head_cameras, head_vertices, surfels_on_surface
 from kaojax.render.surfel import rasterize_surfels
 
 
-def _best_time(fn, args, repeats):
-  jax.block_until_ready(fn(*args))            # compile + warm-up
+def _compile_and_time(fn, args, repeats):
+  """AOT-compile fn, then time `repeats` runs (best). Returns (seconds, compile
+  seconds, XLA buffer bytes: arguments + outputs + temporaries - aliased)."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  analysis = compiled.memory_analysis()
+  nbytes = None if analysis is None else int(
+      analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+      + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    out = jax.block_until_ready(compiled(*args))
     best = min(best, time.perf_counter() - start)
-  return best
-
-
-def _compiled_bytes(fn, args):
-  analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
-  if analysis is None:
-    return None
-  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  return best, compile_s, nbytes, out
 
 
 def _device_peak():
@@ -61,13 +61,13 @@ def main():
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--dense-views", type=int, default=None,
                       help="views rendered by the dense compositor (default: all in --quick, "
-                           "2 otherwise; its times are scaled linearly to all views and "
+                           "1 otherwise; its times are scaled linearly to all views and "
                            "marked as such - views are independent, so work is linear)")
   args = parser.parse_args()
   num, size, views = (600, 48, 2) if args.quick else (8000, 192, 16)
   capacity = args.capacity or 1024
   repeats = args.repeats or 1
-  dense_views = min(views, args.dense_views or (views if args.quick else 2))
+  dense_views = min(views, args.dense_views or (views if args.quick else 1))
 
   vertices, faces = head_vertices()
   mean_edge = float(jnp.mean(jnp.linalg.norm(vertices[faces[:, 0]] - vertices[faces[:, 1]], axis=-1)))
@@ -94,14 +94,12 @@ def main():
       out = rasterize_surfels(g, viewmats[:nv], Ks[:nv], size, size, background, **cfg)
       return sum(jnp.sum(weights[k][:nv] * out[k]) for k in weights)
 
-    fwd = jax.jit(forward)
-    bwd = jax.jit(jax.value_and_grad(loss))
-    out = fwd(gaussians)
+    fwd_s, fwd_compile_s, fwd_bytes, out = _compile_and_time(forward, (gaussians,), repeats)
+    bwd_s, bwd_compile_s, bwd_bytes, _ = _compile_and_time(jax.value_and_grad(loss),
+                                                           (gaussians,), repeats)
     res = {
-        "fwd_s": _best_time(fwd, (gaussians,), repeats),
-        "fwd_bwd_s": _best_time(bwd, (gaussians,), repeats),
-        "fwd_bytes": _compiled_bytes(forward, (gaussians,)),
-        "fwd_bwd_bytes": _compiled_bytes(jax.value_and_grad(loss), (gaussians,)),
+        "fwd_s": fwd_s, "fwd_bwd_s": bwd_s, "fwd_bytes": fwd_bytes, "fwd_bwd_bytes": bwd_bytes,
+        "compile_s": fwd_compile_s + bwd_compile_s,
         "device_peak_bytes": _device_peak(),
         "overflow_per_view": np.asarray(out["overflow"]).tolist(),
         "max_tile_count": int(np.max(out["max_tile_count"])),
@@ -139,6 +137,8 @@ def main():
                             else round(tiled["fwd_bwd_bytes"] / 2**20, 1)),
       "dense_fwd_bwd_mib_measured_views": (None if dense["fwd_bwd_bytes"] is None
                             else round(dense["fwd_bwd_bytes"] / 2**20, 1)),
+      "tiled_compile_s": round(tiled["compile_s"], 2),
+      "dense_compile_s": round(dense["compile_s"], 2),
       "tiled_overflow": int(sum(tiled["overflow_per_view"])),
       "tiled_max_tile_count": tiled["max_tile_count"],
       "max_abs_color_diff": diff,
