@@ -111,6 +111,7 @@ def load_clip_vision(source: Union[PathLike, Mapping[str, np.ndarray]],
       cfg = CLIPVisionConfig.from_transformers(config)
   if cfg is None:
     raise ValueError("load_clip_vision: pass cfg= with a state dict")
-  model = CLIPVisionEncoder(cfg, nnx.Rngs(0))
+  # shape-only construction (no eager random init); every value is assigned next
+  model = nnx.eval_shape(lambda: CLIPVisionEncoder(cfg, nnx.Rngs(0)))
   assign_state(model, clip_arrays(state, model, source=name))
   return model

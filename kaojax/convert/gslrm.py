@@ -106,6 +106,7 @@ def load_gslrm(source: Union[PathLike, Mapping[str, np.ndarray]],
   state = read_gslrm_state(source) if not isinstance(source, Mapping) else dict(source)
   if cfg is None:
     cfg = infer_config(state, **config_overrides)
-  model = GSLRM(cfg, nnx.Rngs(0))
+  # shape-only construction (no eager random init); every value is assigned next
+  model = nnx.eval_shape(lambda: GSLRM(cfg, nnx.Rngs(0)))
   assign_state(model, gslrm_arrays(state, model, source=name))
   return model

@@ -84,19 +84,33 @@ def _default_heads(width: int, what: str) -> int:
 
 
 def lrm_config_from_json(config: Mapping, state: Mapping[str, np.ndarray],
-                         image_size: Optional[int] = None, **overrides):
-  """An LRMConfig from OpenLRM's config.json (head counts) and the state shapes."""
+                         image_size: Optional[int] = None, encoder_heads: Optional[int] = None,
+                         heads: Optional[int] = None, **overrides):
+  """An LRMConfig from OpenLRM's config.json (head counts; its sizes are checked
+  against the state dict's shapes) and the state shapes. `encoder_heads` / `heads`
+  replace the head counts config.json implies."""
   name = config.get("encoder_model_name", "")
   base = name[:-4] if name.endswith("_reg") else name
   if config.get("encoder_type", "dinov2") != "dinov2" or base not in DINOV2_HEADS:
-    raise ValueError(f"unsupported OpenLRM encoder {config.get('encoder_type')}/{name}")
+    raise ValueError(f"config.json: unsupported OpenLRM encoder "
+                     f"{config.get('encoder_type')}/{name} (DINOv2 ViT-*/14 only)")
   dim = config.get("transformer_dim", state["pos_embed"].shape[-1])
   if image_size is None:
     if dim not in OPENLRM_IMAGE_SIZE:
       raise ValueError(f"no default input size for transformer width {dim}: pass image_size")
     image_size = OPENLRM_IMAGE_SIZE[dim]
-  return lrm_config_from_state(state, image_size, DINOV2_HEADS[base],
-                               config.get("transformer_heads"), **overrides)
+  cfg = lrm_config_from_state(state, image_size, encoder_heads or DINOV2_HEADS[base],
+                              heads or config.get("transformer_heads"), **overrides)
+  stated = {"transformer_dim": cfg.dim, "transformer_layers": cfg.layers,
+            "triplane_dim": cfg.triplane_dim, "triplane_low_res": cfg.triplane_low,
+            "triplane_high_res": cfg.triplane_high, "camera_embed_dim": cfg.camera_dim,
+            "encoder_feat_dim": cfg.encoder.dim}
+  clashes = [f"{k}: config.json says {config[k]}, the weights have {v}"
+             for k, v in stated.items() if k in config and config[k] != v]
+  if clashes:
+    from kaojax.convert.torch_state import CheckpointError
+    raise CheckpointError("config.json does not match the checkpoint:\n  " + "\n  ".join(clashes))
+  return cfg
 
 
 def _require(state, keys):
@@ -220,14 +234,14 @@ def kaolrm_config_from_state(state: Mapping[str, np.ndarray], image_size: int = 
   """A KaoLRMConfig with every width read from the state dict shapes (backbone,
   FLAME decoder widths, Gaussian decoder hidden width); encoder/upsampler frozen.
   Head counts: from an OpenLRM-style `config` dict (encoder_model_name,
-  transformer_heads) when given, else the arguments, else width / 64."""
+  transformer_heads) or the arguments (which take precedence), else width / 64."""
   import dataclasses
   from kaojax.models.kaolrm import KaoLRMConfig
   _require(state, [FLAME_DECODER + k for k in ("0.weight", "2.weight", "4.fc.0.weight",
                                                  "5.weight", "7.weight")]
            + [GAUSSIAN_DECODER + ".0.weight"])
   if config is not None:
-    lrm = lrm_config_from_json(config, state, image_size)
+    lrm = lrm_config_from_json(config, state, image_size, encoder_heads, heads)
   else:
     lrm = lrm_config_from_state(state, image_size, encoder_heads, heads)
   lrm = dataclasses.replace(lrm, freeze_encoder=True, freeze_upsampler=True)
@@ -292,16 +306,18 @@ def load_kaolrm(path: Union[str, os.PathLike], image_size: int = 224, flame=None
 
 
 def kaolrm_init_config(state: Mapping[str, np.ndarray], config: Optional[Mapping] = None,
-                       image_size: int = 224, **kaolrm_overrides):
+                       image_size: int = 224, encoder_heads: Optional[int] = None,
+                       heads: Optional[int] = None, **kaolrm_overrides):
   """The KaoLRMConfig KaoLRM trains from an OpenLRM state dict: its backbone sizes
-  (heads from config.json when given, else width / 64), 224 px input, frozen encoder
-  and upsampler, KaoLRM's decoder widths (`kaolrm_overrides` replace fields)."""
+  (heads from the arguments, else config.json when given, else width / 64), 224 px
+  input, frozen encoder and upsampler, KaoLRM's decoder widths (`kaolrm_overrides`
+  replace fields)."""
   import dataclasses
   from kaojax.models.kaolrm import KaoLRMConfig
   if config is not None:
-    lrm = lrm_config_from_json(config, state, image_size)
+    lrm = lrm_config_from_json(config, state, image_size, encoder_heads, heads)
   else:
-    lrm = lrm_config_from_state(state, image_size)
+    lrm = lrm_config_from_state(state, image_size, encoder_heads, heads)
   lrm = dataclasses.replace(lrm, freeze_encoder=True, freeze_upsampler=True)
   return KaoLRMConfig(lrm=lrm, **kaolrm_overrides)
 
@@ -326,6 +342,7 @@ def kaolrm_from_openlrm(state: Mapping[str, np.ndarray], cfg, flame,
 
 
 def load_kaolrm_init(path: Union[str, os.PathLike], flame, image_size: int = 224, seed: int = 0,
+                     encoder_heads: Optional[int] = None, heads: Optional[int] = None,
                      **kaolrm_overrides):
   """`kaolrm_from_openlrm` on an OpenLRM checkpoint file or folder (config.json
   read when present)."""
@@ -333,7 +350,7 @@ def load_kaolrm_init(path: Union[str, os.PathLike], flame, image_size: int = 224
   folder = path if path.is_dir() else path.parent
   state = read_state_dict(path)
   cfg = kaolrm_init_config(state, read_json(folder / "config.json"), image_size,
-                           **kaolrm_overrides)
+                           encoder_heads, heads, **kaolrm_overrides)
   return kaolrm_from_openlrm(state, cfg, flame, nnx.Rngs(seed), str(path))
 
 
@@ -344,14 +361,16 @@ KINDS = ("auto", "openlrm", "kaolrm", "kaolrm-init")
 
 
 def convert(src, out, kind: str = "auto", image_size: Optional[int] = None, flame=None,
-            masks=None, seed: int = 0, overwrite: bool = False):
+            masks=None, seed: int = 0, overwrite: bool = False,
+            encoder_heads: Optional[int] = None, heads: Optional[int] = None):
   """Convert checkpoint `src` and save it with `kaojax.convert.checkpoint.save_model`.
 
   kind: 'openlrm' (OpenLRM with its NeRF decoder), 'kaolrm' (a released KaoLRM
   checkpoint; the FLAME model from its `flame_model.*` buffers unless `flame` is a
   FLAME file), 'kaolrm-init' (KaoLRM's training start from an OpenLRM checkpoint;
   needs `flame`), or 'auto' (kaolrm when `flame_decoder.*` keys are present, else
-  openlrm). Returns the saved model."""
+  openlrm). encoder_heads / heads: attention head counts when neither config.json
+  nor width / 64 gives them. Returns the saved model."""
   from kaojax.convert.checkpoint import save_model
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -363,16 +382,19 @@ def convert(src, out, kind: str = "auto", image_size: Optional[int] = None, flam
   if kind == "kaolrm-init":
     if flame_model is None:
       raise ValueError("--kind kaolrm-init needs --flame (OpenLRM checkpoints hold no FLAME model)")
-    model = load_kaolrm_init(src, flame_model, image_size or 224, seed)
+    model = load_kaolrm_init(src, flame_model, image_size or 224, seed,
+                             encoder_heads=encoder_heads, heads=heads)
   else:
     state = read_state_dict(src)
     if kind == "auto":
       kind = "kaolrm" if any(k.startswith("flame_decoder.") for k in state) else "openlrm"
     config = read_json((src if src.is_dir() else src.parent) / "config.json")
     if kind == "kaolrm":
-      model = kaolrm_from_state(state, image_size or 224, flame_model, masks, str(src), config)
+      model = kaolrm_from_state(state, image_size or 224, flame_model, masks, str(src), config,
+                                encoder_heads=encoder_heads, heads=heads)
     else:
-      model = openlrm_from_state(state, config, image_size, str(src))
+      model = openlrm_from_state(state, config, image_size, str(src),
+                                 encoder_heads=encoder_heads, heads=heads)
   save_model(out, model, overwrite=overwrite)
   return model
 
@@ -394,10 +416,14 @@ def main(argv=None):
                       "or to replace a KaoLRM checkpoint's FLAME buffers)")
   parser.add_argument("--masks", default=None, help="FLAME_masks.pkl (facial region)")
   parser.add_argument("--seed", type=int, default=0, help="decoder init seed (kaolrm-init)")
+  parser.add_argument("--encoder-heads", type=int, default=None,
+                      help="encoder attention heads (default: from config.json / width 64)")
+  parser.add_argument("--heads", type=int, default=None,
+                      help="transformer attention heads (default: config.json / width / 64)")
   parser.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
   model = convert(args.src, args.out, args.kind, args.image_size, args.flame, args.masks,
-                  args.seed, args.overwrite)
+                  args.seed, args.overwrite, args.encoder_heads, args.heads)
   count = sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
   print(f"saved {type(model).__name__} ({count:,} parameters) to {args.out}")
 

@@ -34,15 +34,30 @@ def openlrm_folder(case_folder, tmp_path):
   return folder
 
 
+def head_args(case_folder):
+  """CLI options with the case's head counts (the reduced-width oracle encoders do
+  not have the released head dim 64)."""
+  meta = json.loads((case_folder / "case.json").read_text())
+  return ["--encoder-heads", str(meta["encoder"]["num_heads"]),
+          "--heads", str(meta["transformer"]["heads"])]
+
+
+def heads_kwargs(case_folder):
+  meta = json.loads((case_folder / "case.json").read_text())
+  return dict(encoder_heads=meta["encoder"]["num_heads"], heads=meta["transformer"]["heads"])
+
+
 @pytest.mark.parametrize("case_folder", oracle_cases("openlrm"))
 def test_cli_openlrm_checkpoint_reproduces_the_oracle(case_folder, tmp_path):
   _, inputs, outputs = load_case(case_folder)
   src = openlrm_folder(case_folder, tmp_path)
   size = inputs["image"].shape[-1]
-  main(["--in", str(src), "--out", str(tmp_path / "ckpt"), "--image-size", str(size)])
+  main(["--in", str(src), "--out", str(tmp_path / "ckpt"), "--image-size", str(size)]
+       + head_args(case_folder))
   model = load_model(tmp_path / "ckpt")
   direct = openlrm_from_state(read_state_dict(src / "model.safetensors"),
-                              json.loads((src / "config.json").read_text()), size)
+                              json.loads((src / "config.json").read_text()), size,
+                              **heads_kwargs(case_folder))
   assert model.cfg == direct.cfg
   want = params_of(direct)
   got = params_of(model)
@@ -65,13 +80,14 @@ def test_cli_kaolrm_init_from_openlrm(tmp_path):
   src = openlrm_folder(case_folder, tmp_path)
   flame_dir = write_synthetic_flame(tmp_path / "flame")
   main(["--in", str(src), "--out", str(tmp_path / "ckpt"), "--kind", "kaolrm-init",
-        "--flame", str(flame_dir), "--seed", "3"])
+        "--flame", str(flame_dir), "--seed", "3"] + head_args(case_folder))
   model = load_model(tmp_path / "ckpt")
   cfg = model.cfg
   assert cfg.lrm.encoder.image_size == 224 and cfg.lrm.freeze_encoder and cfg.lrm.freeze_upsampler
   assert cfg.flame_hidden == (2048, 1024, 512) and cfg.gating_hidden == 128
   backbone = params_of(openlrm_from_state(read_state_dict(src / "model.safetensors"),
-                                          json.loads((src / "config.json").read_text()), 224))
+                                          json.loads((src / "config.json").read_text()), 224,
+                                          **heads_kwargs(case_folder)))
   got = params_of(model)
   for k, v in backbone.items():
     if not k.startswith("synthesizer/"):
@@ -121,7 +137,8 @@ def test_cli_kaolrm_checkpoint_with_flame_buffers(tmp_path):
   meta = json.loads((case_folder / "case.json").read_text())
   (src / "config.json").write_text(json.dumps(meta["model_kwargs"]))
 
-  main(["--in", str(src), "--out", str(tmp_path / "ckpt")])     # --kind auto -> kaolrm
+  main(["--in", str(src), "--out", str(tmp_path / "ckpt")]      # --kind auto -> kaolrm
+       + head_args(case_folder))
   model = load_model(tmp_path / "ckpt", remat=True, efficient_attention=False)
   assert model.cfg.lrm.remat and model.cfg.lrm.encoder.remat
   assert not model.cfg.lrm.efficient_attention
@@ -131,7 +148,7 @@ def test_cli_kaolrm_checkpoint_with_flame_buffers(tmp_path):
                                 state["flame_decoder.decoder.0.weight"].T)
   np.testing.assert_array_equal(got["gaussian_decoder/decoder/layers/3/bias"],
                                 state["gaussian_decoder.decoder.net.6.bias"])
-  direct = kaolrm_from_state(state, config=meta["model_kwargs"])
+  direct = kaolrm_from_state(state, config=meta["model_kwargs"], **heads_kwargs(case_folder))
   want = params_of(direct)
   assert got.keys() == want.keys()
   for k in want:

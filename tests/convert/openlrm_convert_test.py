@@ -103,3 +103,14 @@ def test_pytorch_bin_and_safetensors_read_the_same(tmp_path):
     np.testing.assert_array_equal(from_st[k], from_bin[k])
   with pytest.raises(FileNotFoundError):
     read_state_dict(tmp_path / "missing.safetensors")
+
+
+def test_config_json_must_agree_with_the_weights():
+  state = small_openlrm_state()
+  config = {"encoder_model_name": "dinov2_vits14_reg", "transformer_heads": 8,
+            "transformer_dim": 512, "transformer_layers": 12, "triplane_dim": 32}
+  with pytest.raises(CheckpointError, match="transformer_layers: config.json says 12, the "
+                                            "weights have 1"):
+    openlrm_from_state(state, config)
+  config["transformer_layers"] = 1
+  assert openlrm_from_state(state, config).cfg.layers == 1
