@@ -65,6 +65,42 @@ class FaceLiftModels:
   text_embeddings: jax.Array          # [V, T, cross_attention_dim]
   normalizer_mean: jax.Array          # [P] unCLIP image-embedding statistics
   normalizer_std: jax.Array           # [P]
+  noising_scheduler: SchedulerConfig = NOISING_SCHEDULER
+
+
+def load_models(mvdiffusion_folder, gslrm_checkpoint, text_embeddings,
+                num_views: int = 6):
+  """Released weights -> (FaceLiftModels, the DDIM SchedulerConfig for FaceLiftConfig).
+
+  mvdiffusion_folder: a diffusers StableUnCLIP-style pipeline folder with unet/, vae/,
+  image_encoder/ (transformers CLIPVisionModelWithProjection), image_normalizer/ (mean,
+  std), scheduler/ and image_noising_scheduler/ (scheduler_config.json). The layout of
+  the OpenFaceLift release is inferred from the reference code, not verified.
+  gslrm_checkpoint: torch.save file with a `model` dict (or .safetensors).
+  text_embeddings: file with the [6, 77, 1024] prompt embeddings."""
+  from kaojax.convert.clip import load_clip_vision
+  from kaojax.convert.diffusers import load_unet, load_vae, read_diffusers_folder
+  from kaojax.convert.gslrm import load_gslrm
+  from kaojax.convert.torch_state import read_json
+  root = pathlib.Path(mvdiffusion_folder)
+  for sub in ("unet", "vae", "image_encoder", "image_normalizer"):
+    if not (root / sub).is_dir():
+      raise FileNotFoundError(f"{root}: missing the {sub}/ folder of a FaceLift/unCLIP pipeline")
+  _, norm = read_diffusers_folder(root / "image_normalizer")
+  if "mean" not in norm or "std" not in norm:
+    raise ValueError(f"{root / 'image_normalizer'}: expected 'mean' and 'std' tensors, "
+                     f"got {sorted(norm)}")
+  sched = read_json(root / "scheduler" / "scheduler_config.json")
+  noising = read_json(root / "image_noising_scheduler" / "scheduler_config.json")
+  models = FaceLiftModels(
+      unet=load_unet(root / "unet", num_views=num_views), vae=load_vae(root / "vae"),
+      clip=load_clip_vision(root / "image_encoder"), gslrm=load_gslrm(gslrm_checkpoint),
+      text_embeddings=jnp.asarray(load_text_embeddings(text_embeddings)),
+      normalizer_mean=jnp.asarray(norm["mean"]).reshape(-1),
+      normalizer_std=jnp.asarray(norm["std"]).reshape(-1),
+      noising_scheduler=(SchedulerConfig.from_diffusers(noising) if noising
+                         else NOISING_SCHEDULER))
+  return models, (SchedulerConfig.from_diffusers(sched) if sched else SchedulerConfig())
 
 
 def load_text_embeddings(path) -> np.ndarray:
@@ -147,7 +183,7 @@ def image_class_labels(models: FaceLiftModels, image, noise_level: int, key):
   ++ noise-level embedding)."""
   embeds = _clip_embed(models.clip, image[None])                      # [1, P]
   scaled = (embeds - models.normalizer_mean) / models.normalizer_std
-  a = jnp.asarray(alphas_cumprod(NOISING_SCHEDULER))
+  a = jnp.asarray(alphas_cumprod(models.noising_scheduler))
   noisy = add_noise(a, scaled, jax.random.normal(key, scaled.shape), jnp.array([noise_level]))
   embeds = noisy * models.normalizer_std + models.normalizer_mean
   level = timestep_embedding(jnp.array([noise_level]), embeds.shape[-1], True, 0.0)
@@ -298,3 +334,40 @@ def run(models: FaceLiftModels, image, out_dir, cfg: FaceLiftConfig = FaceLiftCo
     result["output"] = out_dir / "output.png"
     result["turntable"] = _save_video(out_dir / "turntable.mp4", frames, cfg.turntable_fps)
   return result
+
+
+def main(argv=None):
+  """python -m kaojax.infer.facelift --image crop.png --out DIR (--tiny | --weights ...)"""
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--image", required=True, help="pre-cropped face image (square)")
+  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--tiny", action="store_true", help="random-weight toy models (smoke test)")
+  parser.add_argument("--mvdiffusion", help="diffusers pipeline folder (unet/, vae/, ...)")
+  parser.add_argument("--gslrm", help="GS-LRM checkpoint")
+  parser.add_argument("--text-embeddings", help="[6, 77, 1024] prompt embeddings file")
+  parser.add_argument("--steps", type=int, default=50)
+  parser.add_argument("--guidance", type=float, default=3.0)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--turntable-frames", type=int, default=150)
+  args = parser.parse_args(argv)
+  from PIL import Image
+  if args.tiny:
+    models, scheduler, size = tiny_models(), SchedulerConfig(), 32
+  else:
+    if not (args.mvdiffusion and args.gslrm and args.text_embeddings):
+      parser.error("--mvdiffusion, --gslrm and --text-embeddings are required without --tiny")
+    models, scheduler = load_models(args.mvdiffusion, args.gslrm, args.text_embeddings)
+    size = 512
+  image = Image.open(args.image).convert("RGB").resize((size, size), Image.BICUBIC)
+  cfg = FaceLiftConfig(image_size=size, num_steps=args.steps, guidance_scale=args.guidance,
+                       seed=args.seed, turntable_frames=args.turntable_frames,
+                       scheduler=scheduler)
+  result = run(models, np.asarray(image, np.float32) / 255.0, args.out, cfg)
+  for name in ("input", "multiview", "ply", "output", "turntable"):
+    if name in result:
+      print(f"{name}: {result[name]}")
+
+
+if __name__ == "__main__":
+  main()

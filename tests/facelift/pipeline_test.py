@@ -79,3 +79,51 @@ def test_text_embeddings_from_torch_file(tmp_path):
   np.save(tmp_path / "bad.npy", np.zeros((6, 77)))
   with pytest.raises(ValueError, match="bad.npy"):
     facelift.load_text_embeddings(tmp_path / "bad.npy")
+
+
+def test_load_models_from_folders(tmp_path):
+  """A FaceLift-layout folder written with diffusers/transformers is read back."""
+  from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+  from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
+      StableUnCLIPImageNormalizer)
+  from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+  from tests.facelift.gslrm_model_test import CFG as GSLRM_CFG, _tiny_state
+
+  root = tmp_path / "mvdiffusion"
+  UNet2DConditionModel(
+      sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
+      cross_attention_dim=8, norm_num_groups=8, use_linear_projection=True,
+      class_embed_type="projection", projection_class_embeddings_input_dim=16,
+  ).save_pretrained(root / "unet")
+  AutoencoderKL(block_out_channels=(16,), down_block_types=("DownEncoderBlock2D",),
+                up_block_types=("UpDecoderBlock2D",), norm_num_groups=8,
+                layers_per_block=1).save_pretrained(root / "vae")
+  CLIPVisionModelWithProjection(CLIPVisionConfig(
+      hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+      image_size=16, patch_size=8, projection_dim=8, hidden_act="gelu")
+  ).save_pretrained(root / "image_encoder")
+  norm = StableUnCLIPImageNormalizer(embedding_dim=8)
+  with torch.no_grad():
+    norm.mean.copy_(torch.arange(8.0)[None])
+  norm.save_pretrained(root / "image_normalizer")
+  DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                prediction_type="v_prediction", set_alpha_to_one=False,
+                steps_offset=1).save_pretrained(root / "scheduler")
+  DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(root / "image_noising_scheduler")
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in _tiny_state(GSLRM_CFG).items()}},
+             tmp_path / "gslrm.pt")
+  torch.save(torch.zeros(6, 77, 8).half(), tmp_path / "clr_embeds.pt")
+
+  models, scheduler = facelift.load_models(root, tmp_path / "gslrm.pt", tmp_path / "clr_embeds.pt")
+  assert scheduler.prediction_type == "v_prediction" and scheduler.steps_offset == 1
+  assert models.noising_scheduler.beta_schedule == "squaredcos_cap_v2"
+  assert models.unet.cfg.in_channels == 8 and models.unet.cfg.num_views == 6
+  np.testing.assert_array_equal(np.asarray(models.normalizer_mean), np.arange(8.0))
+  assert models.clip.cfg.projection_dim == 8 and models.gslrm.cfg.dim == GSLRM_CFG.dim
+  assert models.text_embeddings.shape == (6, 77, 8)
+  with pytest.raises(FileNotFoundError, match="image_normalizer"):
+    import shutil
+    shutil.rmtree(root / "image_normalizer")
+    facelift.load_models(root, tmp_path / "gslrm.pt", tmp_path / "clr_embeds.pt")
