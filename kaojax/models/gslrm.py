@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from kaojax.geometry.rays import facelift_ray_encoding, pixel_rays
+from kaojax.models.mvdiffusion.attention import chunked_dot_product_attention
 from kaojax.render.gaussians import Gaussians
 
 SH_C0 = 0.28209479177387814     # degree-0 real spherical harmonic
@@ -46,6 +47,7 @@ class GSLRMConfig:
   ln_eps: float = 1e-5
   depth_preact_bias: float = 0.0  # added to the mean xyz logit before the sigmoid
   depth_range: float = 1.8        # t = (2 sigmoid(.) - 1) * depth_range + (-o.d)
+  attention_chunk: Optional[int] = 4096   # query block size (memory), None: one block
   dtype: str = "float32"
 
   @classmethod
@@ -98,6 +100,7 @@ class SelfAttention(nnx.Module):
 
   def __init__(self, cfg: GSLRMConfig, rngs: nnx.Rngs, dtype=None):
     self.heads, self.head_dim = cfg.heads, cfg.head_dim
+    self.query_chunk = cfg.attention_chunk
     inner = cfg.heads * cfg.head_dim
     self.to_qkv = _linear(cfg.dim, 3 * inner, rngs, dtype)
     self.fc = _linear(inner, cfg.dim, rngs, dtype)
@@ -107,8 +110,8 @@ class SelfAttention(nnx.Module):
     b, n, _ = x.shape
     q, k, v = jnp.split(self.to_qkv(x), 3, axis=-1)
     shape = (b, n, self.heads, self.head_dim)
-    out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                       scale=1.0 / math.sqrt(self.head_dim))
+    out = chunked_dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                        self.query_chunk)
     return self.fc(out.reshape(b, n, self.heads * self.head_dim))
 
 

@@ -64,6 +64,16 @@ def test_converter_lists_every_problem():
   assert "gaussian_upsampler.linear.weight" in msg and "mis-shaped" in msg and "(64, 14)" in msg
 
 
+def test_attention_chunking_matches_one_block():
+  import dataclasses
+  state = _tiny_state(CFG)
+  images = jax.random.uniform(jax.random.key(1), (1, 2, 16, 16, 3))
+  c2w, K = facelift_cameras(size=16)
+  outs = [load_gslrm(state, dataclasses.replace(CFG, attention_chunk=chunk))(
+      images, c2w[None, :2], K[None, :2]).raw for chunk in (None, 3)]
+  np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[0]), atol=1e-5, rtol=1e-5)
+
+
 def test_post_filter_rules():
   xyz = jnp.array([[0.0, 0.0, 0.0],    # kept
                    [0.0, 0.0, -0.5],   # big scale below z=0: dropped

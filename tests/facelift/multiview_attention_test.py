@@ -51,3 +51,17 @@ def test_views_of_different_groups_do_not_mix():
   moved = np.asarray(attn(x2, num_views=3))
   np.testing.assert_array_equal(moved[:3], base[:3])
   assert np.abs(moved[4] - base[4]).max() > 1e-3
+
+
+def test_query_chunking_changes_nothing():
+  from kaojax.models.mvdiffusion.attention import chunked_dot_product_attention
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 23, 3, 4)) for i in range(3))
+  full = np.asarray(chunked_dot_product_attention(q, k[:, :17], v[:, :17]))
+  for chunk in (1, 5, 23, 64):
+    np.testing.assert_allclose(np.asarray(chunked_dot_product_attention(q, k[:, :17], v[:, :17], chunk)),
+                               full, atol=1e-6, err_msg=f"chunk {chunk}")
+  attn = Attention(12, 3, 4, nnx.Rngs(0))
+  chunked = Attention(12, 3, 4, nnx.Rngs(0), query_chunk=4)
+  x = np.asarray(jax.random.normal(jax.random.key(9), (6, 10, 12)))
+  np.testing.assert_allclose(np.asarray(chunked(x, num_views=3)), np.asarray(attn(x, num_views=3)),
+                             atol=1e-6)

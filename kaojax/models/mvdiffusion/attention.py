@@ -26,12 +26,30 @@ def front_view_context(x, num_views: int):
   return jnp.concatenate([front, grouped], axis=2).reshape(n, 2 * length, c)
 
 
-def attention(q, k, v, heads: int):
+def chunked_dot_product_attention(q, k, v, query_chunk: Optional[int] = None):
+  """q [N, Lq, H, d], k/v [N, Lk, H, d] -> [N, Lq, H, d], softmax(q k^T / sqrt(d)) v.
+
+  With `query_chunk`, queries are processed in blocks of that many tokens (lax.map), so
+  the logits never exceed [N, H, query_chunk, Lk] - needed for GS-LRM's 6 x 4096 tokens
+  and the UNet's 64 x 64 latents on one accelerator."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  lq = q.shape[1]
+  if query_chunk is None or lq <= query_chunk:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+  blocks = -(-lq // query_chunk)
+  q = jnp.pad(q, ((0, 0), (0, blocks * query_chunk - lq), (0, 0), (0, 0)))
+  q = jnp.moveaxis(q.reshape(q.shape[0], blocks, query_chunk, *q.shape[2:]), 1, 0)
+  out = jax.lax.map(lambda qb: jax.nn.dot_product_attention(qb, k, v, scale=scale), q)
+  out = jnp.moveaxis(out, 0, 1).reshape(out.shape[1], blocks * query_chunk, *out.shape[3:])
+  return out[:, :lq]
+
+
+def attention(q, k, v, heads: int, query_chunk: Optional[int] = None):
   """q [N, Lq, H*d], k/v [N, Lk, H*d] -> [N, Lq, H*d], softmax(q k^T / sqrt(d)) v."""
   n, lq, inner = q.shape
   d = inner // heads
   split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, d)
-  out = jax.nn.dot_product_attention(split(q), split(k), split(v), scale=1.0 / math.sqrt(d))
+  out = chunked_dot_product_attention(split(q), split(k), split(v), query_chunk)
   return out.reshape(n, lq, inner)
 
 
@@ -41,9 +59,11 @@ class Attention(nnx.Module):
   context_dim: width of the cross-attention context (None: self-attention)."""
 
   def __init__(self, query_dim: int, heads: int, head_dim: int, rngs: nnx.Rngs,
-               context_dim: Optional[int] = None, qkv_bias: bool = False, dtype=None):
+               context_dim: Optional[int] = None, qkv_bias: bool = False, dtype=None,
+               query_chunk: Optional[int] = None):
     inner = heads * head_dim
     self.heads = heads
+    self.query_chunk = query_chunk
     kv_dim = context_dim or query_dim
     self.to_q = nnx.Linear(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.to_k = nnx.Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
@@ -59,4 +79,4 @@ class Attention(nnx.Module):
       if context is not None:
         raise ValueError("multi-view attention is self-attention: context must be None")
       k, v = front_view_context(k, num_views), front_view_context(v, num_views)
-    return self.to_out[0](attention(q, k, v, self.heads))
+    return self.to_out[0](attention(q, k, v, self.heads, self.query_chunk))

@@ -38,11 +38,12 @@ class FeedForward(nnx.Module):
 
 class BasicTransformerBlock(nnx.Module):
   def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, rngs: nnx.Rngs,
-               dtype=None):
+               dtype=None, query_chunk: Optional[int] = None):
     self.norm1 = layer_norm(dim, 1e-5, rngs, dtype)
-    self.attn1 = Attention(dim, heads, head_dim, rngs, dtype=dtype)
+    self.attn1 = Attention(dim, heads, head_dim, rngs, dtype=dtype, query_chunk=query_chunk)
     self.norm2 = layer_norm(dim, 1e-5, rngs, dtype)
-    self.attn2 = Attention(dim, heads, head_dim, rngs, context_dim=context_dim, dtype=dtype)
+    self.attn2 = Attention(dim, heads, head_dim, rngs, context_dim=context_dim, dtype=dtype,
+                           query_chunk=query_chunk)
     self.norm3 = layer_norm(dim, 1e-5, rngs, dtype)
     self.ff = FeedForward(dim, rngs, dtype=dtype)
 
@@ -54,14 +55,14 @@ class BasicTransformerBlock(nnx.Module):
 
 class Transformer2D(nnx.Module):
   def __init__(self, channels: int, heads: int, context_dim: int, layers: int, groups: int,
-               rngs: nnx.Rngs, dtype=None):
+               rngs: nnx.Rngs, dtype=None, query_chunk: Optional[int] = None):
     if channels % heads:
       raise ValueError(f"{channels} channels do not split into {heads} heads")
     head_dim = channels // heads
     self.norm = group_norm(channels, groups, 1e-6, rngs, dtype)
     self.proj_in = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
     self.transformer_blocks = nnx.List([
-        BasicTransformerBlock(channels, heads, head_dim, context_dim, rngs, dtype)
+        BasicTransformerBlock(channels, heads, head_dim, context_dim, rngs, dtype, query_chunk)
         for _ in range(layers)])
     self.proj_out = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
 

@@ -46,6 +46,7 @@ class UNetConfig:
   class_embed_type: Optional[str] = "projection"
   projection_class_embeddings_input_dim: Optional[int] = 2048
   num_views: int = 6               # views per group in the multi-view attention
+  attention_chunk: Optional[int] = None   # query block size in attention (memory)
   dtype: str = "float32"
 
   @property
@@ -131,7 +132,8 @@ class DownBlock(nnx.Module):
     self.resnets = nnx.List([ResnetBlock2D(c_in if i == 0 else c_out, c_out, temb, g, eps, rngs,
                                            dtype) for i in range(cfg.layers_per_block)])
     self.attentions = nnx.List([
-        Transformer2D(c_out, heads, cfg.cross_attention_dim, t_layers, g, rngs, dtype)
+        Transformer2D(c_out, heads, cfg.cross_attention_dim, t_layers, g, rngs, dtype,
+                      cfg.attention_chunk)
         for _ in range(cfg.layers_per_block)] if cross else [])
     self.downsamplers = nnx.List([Downsample2D(c_out, 1, rngs, dtype)] if add_downsample else [])
 
@@ -153,7 +155,7 @@ class MidBlock(nnx.Module):
     g, eps = cfg.norm_num_groups, cfg.norm_eps
     self.resnets = nnx.List([ResnetBlock2D(c, c, temb, g, eps, rngs, dtype) for _ in range(2)])
     self.attentions = nnx.List([Transformer2D(c, heads, cfg.cross_attention_dim, t_layers, g,
-                                              rngs, dtype)])
+                                              rngs, dtype, cfg.attention_chunk)])
 
   def __call__(self, x, temb, context, num_views):
     x = self.resnets[0](x, temb)
@@ -173,7 +175,8 @@ class UpBlock(nnx.Module):
       resnets.append(ResnetBlock2D(base + skip, c_out, temb, g, eps, rngs, dtype))
     self.resnets = nnx.List(resnets)
     self.attentions = nnx.List([
-        Transformer2D(c_out, heads, cfg.cross_attention_dim, t_layers, g, rngs, dtype)
+        Transformer2D(c_out, heads, cfg.cross_attention_dim, t_layers, g, rngs, dtype,
+                      cfg.attention_chunk)
         for _ in range(n)] if cross else [])
     self.upsamplers = nnx.List([Upsample2D(c_out, rngs, dtype)] if add_upsample else [])
 
