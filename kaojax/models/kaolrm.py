@@ -153,11 +153,14 @@ class GaussianDecoder(nnx.Module):
                                 dtype=dtype)
 
   def raw(self, planes, points, synth_focal):
-    query = gaussian_query_points(points, synth_focal)
+    """-> [B, N, 11] decoder output before activations (planes' dtype)."""
+    query = gaussian_query_points(points, synth_focal).astype(planes.dtype)
     return self.decoder(concat_plane_features(sample_triplane(planes, query)))
 
   def __call__(self, planes, points, synth_focal) -> Gaussians:
-    opacity, scales, quats, rgb = gaussian_activations(self.raw(planes, points, synth_focal))
+    """Gaussians in float32 whatever the compute dtype (means = `points`)."""
+    raw = self.raw(planes, points, synth_focal).astype(jnp.float32)
+    opacity, scales, quats, rgb = gaussian_activations(raw)
     return Gaussians(means=points, quats=quats, scales=scales, opacities=opacity[..., 0],
                      colors=rgb)
 
@@ -225,7 +228,7 @@ class KaoLRM(nnx.Module):
                  translation=params.translation.astype(jnp.float32))
     n = num_samples or self.cfg.num_samples
     points, face_idx, bary = sample_surface(key, mesh.vertices, flame.faces, n)
-    gaussians = self.gaussian_decoder(planes, points.astype(planes.dtype), synth_focal)
+    gaussians = self.gaussian_decoder(planes, points, synth_focal)
     return KaoLRMOutput(planes=planes, flame=params, vertices=mesh.vertices,
                         landmarks=mesh.landmarks3d, gaussians=gaussians,
                         face_idx=face_idx, bary=bary)
