@@ -10,6 +10,7 @@ Two layouts are read:
 Missing, unexpected and mis-shaped keys are reported in one `CheckpointError`.
 """
 
+import dataclasses
 import os
 import pathlib
 from typing import Mapping, Optional, Union
@@ -93,7 +94,8 @@ def clip_arrays(state: Mapping[str, np.ndarray], model: CLIPVisionEncoder,
 
 
 def load_clip_vision(source: Union[PathLike, Mapping[str, np.ndarray]],
-                     cfg: Optional[CLIPVisionConfig] = None) -> CLIPVisionEncoder:
+                     cfg: Optional[CLIPVisionConfig] = None,
+                     dtype: Optional[str] = None) -> CLIPVisionEncoder:
   """A transformers folder (config.json + model.safetensors / pytorch_model.bin), a
   weights file, or a state dict -> CLIPVisionEncoder. `cfg` is required unless a
   config.json is next to the weights."""
@@ -111,6 +113,8 @@ def load_clip_vision(source: Union[PathLike, Mapping[str, np.ndarray]],
       cfg = CLIPVisionConfig.from_transformers(config)
   if cfg is None:
     raise ValueError("load_clip_vision: pass cfg= with a state dict")
+  if dtype is not None:
+    cfg = dataclasses.replace(cfg, dtype=dtype)
   # shape-only construction (no eager random init); every value is assigned next
   model = nnx.eval_shape(lambda: CLIPVisionEncoder(cfg, nnx.Rngs(0)))
   assign_state(model, clip_arrays(state, model, source=name))

@@ -69,7 +69,7 @@ class FaceLiftModels:
 
 
 def load_models(mvdiffusion_folder, gslrm_checkpoint, text_embeddings,
-                num_views: int = 6):
+                num_views: int = 6, dtype: str = "float32"):
   """Released weights -> (FaceLiftModels, the DDIM SchedulerConfig for FaceLiftConfig).
 
   mvdiffusion_folder: a diffusers StableUnCLIP-style pipeline folder with unet/, vae/,
@@ -77,7 +77,9 @@ def load_models(mvdiffusion_folder, gslrm_checkpoint, text_embeddings,
   std), scheduler/ and image_noising_scheduler/ (scheduler_config.json). The layout of
   the OpenFaceLift release is inferred from the reference code, not verified.
   gslrm_checkpoint: torch.save file with a `model` dict (or .safetensors).
-  text_embeddings: file with the [6, 77, 1024] prompt embeddings."""
+  text_embeddings: file with the [6, 77, 1024] prompt embeddings.
+  dtype: compute dtype of the UNet, VAE and CLIP ("bfloat16" / "float16" on
+  accelerators; parameters stay float32); GS-LRM and rendering stay float32."""
   from kaojax.convert.clip import load_clip_vision
   from kaojax.convert.diffusers import load_unet, load_vae, read_diffusers_folder
   from kaojax.convert.gslrm import load_gslrm
@@ -93,8 +95,10 @@ def load_models(mvdiffusion_folder, gslrm_checkpoint, text_embeddings,
   sched = read_json(root / "scheduler" / "scheduler_config.json")
   noising = read_json(root / "image_noising_scheduler" / "scheduler_config.json")
   models = FaceLiftModels(
-      unet=load_unet(root / "unet", num_views=num_views), vae=load_vae(root / "vae"),
-      clip=load_clip_vision(root / "image_encoder"), gslrm=load_gslrm(gslrm_checkpoint),
+      unet=load_unet(root / "unet", num_views=num_views, dtype=dtype),
+      vae=load_vae(root / "vae", dtype=dtype),
+      clip=load_clip_vision(root / "image_encoder", dtype=dtype),
+      gslrm=load_gslrm(gslrm_checkpoint),
       text_embeddings=jnp.asarray(load_text_embeddings(text_embeddings)),
       normalizer_mean=jnp.asarray(norm["mean"]).reshape(-1),
       normalizer_std=jnp.asarray(norm["std"]).reshape(-1),
@@ -350,6 +354,7 @@ def main(argv=None):
   parser.add_argument("--guidance", type=float, default=3.0)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--turntable-frames", type=int, default=150)
+  parser.add_argument("--dtype", default="float32", help="UNet/VAE/CLIP compute dtype")
   args = parser.parse_args(argv)
   from PIL import Image
   if args.tiny:
@@ -357,7 +362,8 @@ def main(argv=None):
   else:
     if not (args.mvdiffusion and args.gslrm and args.text_embeddings):
       parser.error("--mvdiffusion, --gslrm and --text-embeddings are required without --tiny")
-    models, scheduler = load_models(args.mvdiffusion, args.gslrm, args.text_embeddings)
+    models, scheduler = load_models(args.mvdiffusion, args.gslrm, args.text_embeddings,
+                                    dtype=args.dtype)
     size = 512
   image = Image.open(args.image).convert("RGB").resize((size, size), Image.BICUBIC)
   cfg = FaceLiftConfig(image_size=size, num_steps=args.steps, guidance_scale=args.guidance,
