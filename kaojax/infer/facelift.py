@@ -179,6 +179,50 @@ def tiny_models(num_views: int = 6, seed: int = 0) -> FaceLiftModels:
 
 
 # ----------------------------------------------------------------------------
+# Stage 0: input crop (after face detection).
+
+CROP_SIZE = 512
+CROP_FACE_SIZE = 194.2749650813705            # mean(box w, h) after scaling, pixels
+CROP_FACE_CENTRE = (251.8327, 280.0134)       # (x, y) of the box centre in the crop
+
+
+def composite_on_white(rgba):
+  """[H, W, 4] RGBA in [0, 1] -> [H, W, 3] RGB over a white background."""
+  rgba = np.asarray(rgba, np.float32)
+  return rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
+
+
+def crop_to_face(image, box, size: int = CROP_SIZE):
+  """FaceLift's input framing from a face box (x0, y0, x1, y1) in pixels: scale by
+  CROP_FACE_SIZE / mean(box width, height) (at size 512) and place the box centre at
+  CROP_FACE_CENTRE on a white canvas. image [H, W, 3] in [0, 1] -> [size, size, 3].
+  Bilinear resampling with continuous pixel coordinates (pixel centres at +0.5)."""
+  image = np.asarray(image, np.float32)
+  x0, y0, x1, y1 = (float(v) for v in box)
+  if x1 <= x0 or y1 <= y0:
+    raise ValueError(f"face box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box}")
+  k = size / CROP_SIZE
+  scale = CROP_FACE_SIZE * k / (0.5 * ((x1 - x0) + (y1 - y0)))
+  cx, cy = 0.5 * (x0 + x1), 0.5 * (y0 + y1)
+  tx, ty = CROP_FACE_CENTRE[0] * k, CROP_FACE_CENTRE[1] * k
+  us = (np.arange(size) + 0.5 - tx) / scale + cx - 0.5      # source pixel-index coordinates
+  vs = (np.arange(size) + 0.5 - ty) / scale + cy - 0.5
+  h, w = image.shape[:2]
+  padded = np.pad(image, ((1, 1), (1, 1), (0, 0)), constant_values=1.0)   # white outside
+  u = np.clip(us + 1.0, 0.0, w + 1.0)
+  v = np.clip(vs + 1.0, 0.0, h + 1.0)
+  u0 = np.clip(np.floor(u).astype(int), 0, w)
+  v0 = np.clip(np.floor(v).astype(int), 0, h)
+  fu, fv = (u - u0)[None, :, None], (v - v0)[:, None, None]
+  g = lambda vv, uu: padded[vv][:, uu]
+  out = ((1 - fv) * ((1 - fu) * g(v0, u0) + fu * g(v0, u0 + 1))
+         + fv * ((1 - fu) * g(v0 + 1, u0) + fu * g(v0 + 1, u0 + 1)))
+  outside = (((us < -1.0) | (us > w))[None, :] | ((vs < -1.0) | (vs > h))[:, None])
+  out[outside] = 1.0
+  return out
+
+
+# ----------------------------------------------------------------------------
 # Stage 1: conditioning.
 
 
