@@ -131,7 +131,7 @@ def bench_size(name, args, flame):
   if t_torch is not None:
     result["transformers_encoder_ms_per_image"] = 1e3 * t_torch / batch
     result["encoder_speedup_vs_transformers"] = t_torch / t_ours
-  if not on_cpu:
+  if not on_cpu or args.throughput:
     graphdef, params = nnx.split(model)
 
     @jax.jit
@@ -139,7 +139,7 @@ def bench_size(name, args, flame):
       return nnx.merge(graphdef, params)(x, c, k)
 
     flops = _flops(pure_forward, params, images, cameras, key)
-    peak = _peak_flops(args.dtype)
+    peak = None if on_cpu else _peak_flops(args.dtype)
     result["images_per_second"] = batch / t_model
     if flops:
       result["gflops_per_image"] = flops / batch / 1e9
@@ -158,6 +158,9 @@ def main():
   parser.add_argument("--sizes", default="small,base")
   parser.add_argument("--batch", type=int, default=None)
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--throughput", action="store_true",
+                      help="also report images/s and XLA's FLOP count on the CPU (always "
+                           "reported on a GPU, with model FLOP utilisation)")
   parser.add_argument("--dtype", default=None, help="compute dtype (default: float32 on "
                       "CPU, bfloat16 on GPU)")
   args = parser.parse_args()
