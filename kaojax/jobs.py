@@ -3,9 +3,10 @@
 import importlib
 import pathlib
 
-# job name -> module with `run(config, workdir)`.
+# job name -> "module:function" taking (config, workdir).
 JOBS = {
-    "flame_demo": "kaojax.flame.demo",
+    "flame_demo": "kaojax.flame.demo:run",
+    "train": "kaojax.train.loop:train_and_evaluate",
 }
 
 
@@ -15,4 +16,5 @@ def run(config, workdir):
     raise ValueError(f"unknown job {config.job!r} (known: {', '.join(sorted(JOBS))})")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  return importlib.import_module(JOBS[config.job]).run(config, workdir)
+  module, function = JOBS[config.job].split(":")
+  return getattr(importlib.import_module(module), function)(config, workdir)

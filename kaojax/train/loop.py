@@ -1,0 +1,252 @@
+"""KaoLRM's staged training: `train_and_evaluate(config, workdir)`.
+
+Stage I (landmarks, regularisers, alpha mask) for the first `stage1_epochs` epochs
+(or `stage1_steps` steps), then stage II (photometric + binding), with the weights of
+`kaojax.losses.stage_weights`. The run is sharded over a ("data", "fsdp") mesh,
+checkpointed with Orbax (exact resume from the latest checkpoint in the work
+directory: parameters, optimiser state, step; the data order is a pure function of
+(seed, step)), and writes metrics.jsonl, TensorBoard logs and picture grids.
+"""
+
+import dataclasses
+import json
+import logging as std_logging
+import pathlib
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from data_pipeline import sources, synthetic
+from kaojax import losses, sharding
+from kaojax.flame.io import load_flame
+from kaojax.flame.synthetic import make_synthetic_flame
+from kaojax.models.kaolrm import KaoLRM, kaolrm_config
+from kaojax.train import evaluate as evaluation
+from kaojax.train.metrics import MetricWriter
+from kaojax.train.optimizer import make_optimizer
+from kaojax.train.step import create_state, make_train_step
+from kaojax.train.visualize import save_grid
+
+SYNTHETIC_DONE = "COMPLETE"
+
+
+def build_flame(config):
+  if config.flame_path:
+    return load_flame(config.flame_path, n_shape=config.model.n_shape,
+                      n_expr=config.model.n_expr)
+  return make_synthetic_flame(n_shape=config.model.n_shape, n_expr=config.model.n_expr)
+
+
+def build_model(config, flame):
+  cfg = kaolrm_config(config.model.preset, n_shape=config.model.n_shape,
+                      n_expr=config.model.n_expr, num_samples=config.model.num_samples,
+                      monocular=config.data.kind == "monocular")
+  cfg = dataclasses.replace(cfg, lrm=dataclasses.replace(
+      cfg.lrm, dtype=config.model.dtype, remat=config.model.remat))
+  model = KaoLRM(cfg, flame, nnx.Rngs(config.seed))
+  if config.init.openlrm_checkpoint:
+    from kaojax.convert import checkpoint  # pylint: disable=import-outside-toplevel
+    checkpoint.load_backbone_into(model, config.init.openlrm_checkpoint)
+    logging.info("backbone initialised from %s", config.init.openlrm_checkpoint)
+  return model
+
+
+def dataset_root(config, workdir) -> pathlib.Path:
+  """The dataset folder: config.data.root, or the synthetic set generated once into
+  the work directory (regenerated only if a previous generation did not finish);
+  monocular runs use its monocular copy (most frontal view of each subject)."""
+  if config.data.root:
+    return pathlib.Path(config.data.root)
+  root = pathlib.Path(workdir) / "synthetic_data"
+  mono = pathlib.Path(workdir) / "synthetic_data_mono"
+  if not (root / SYNTHETIC_DONE).is_file():
+    syn = config.data.synthetic
+    logging.info("generating the synthetic dataset (%d subjects x %d views) in %s",
+                 syn.num_subjects, syn.num_views, root)
+    synthetic.generate(root, syn.num_subjects, syn.num_views, syn.image_size,
+                       seed=syn.seed, flame_path=config.flame_path,
+                       val_fraction=syn.val_fraction, monocular_out=mono)
+    (root / SYNTHETIC_DONE).write_text(json.dumps(syn.to_dict()))
+  return mono if config.data.kind == "monocular" else root
+
+
+def make_loader(config, root, split, cfg):
+  if config.data.kind == "multiview":
+    return sources.multiview_loader(root, split, cfg)
+  if config.data.kind == "monocular":
+    return sources.monocular_loader(root, split, config.synth_focal, cfg)
+  raise ValueError(f"config.data.kind must be 'multiview' or 'monocular', "
+                   f"got {config.data.kind!r}")
+
+
+def stage_schedule(config, steps_per_epoch: int):
+  """-> (total steps, number of stage-I steps)."""
+  total = config.total_steps if config.total_steps > 0 else (
+      config.num_epochs * steps_per_epoch)
+  stage1 = config.stage1_steps if config.stage1_steps >= 0 else (
+      config.stage1_epochs * steps_per_epoch)
+  return total, min(stage1, total)
+
+
+def _checkpoint_manager(workdir, config):
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
+      enable_async_checkpointing=config.async_checkpoints)
+  return ocp.CheckpointManager(pathlib.Path(workdir).resolve() / "checkpoints",
+                               options=options)
+
+
+def _restore(manager, state, directory=None):
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  if directory is not None:
+    other = ocp.CheckpointManager(pathlib.Path(directory).resolve())
+    step = other.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    return other.restore(step, args=ocp.args.StandardRestore(abstract))
+  return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+
+
+def place_state(state, mesh, tx):
+  """TrainState on `mesh`: parameters (and their optimiser state) sharded by the
+  logical rules (sharding.FSDP_RULES), everything else replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = sharding.shard_state(state.params, mesh, sharding.FSDP_RULES)
+  mesh_devices = set(mesh.devices.flat)
+  # Moments follow their parameters' shardings; step counters land on one device
+  # and are replicated here.
+  opt_state = jax.tree.map(
+      lambda x: x if x.sharding.device_set == mesh_devices else jax.device_put(x, replicated),
+      jax.jit(tx.init)(params))
+  return state.replace(params=params, rest=jax.device_put(state.rest, replicated),
+                       step=jax.device_put(state.step, replicated), opt_state=opt_state)
+
+
+def compile_step(graphdef, tx, state, mesh, weights: dict, synth_focal: float):
+  """The jitted train step for `state`'s shardings and batches split over `mesh`."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  fn = make_train_step(graphdef, tx, weights, synth_focal)
+  return jax.jit(fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                                   replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO chatter of Orbax from the absl log (warnings still pass)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def train_and_evaluate(config, workdir) -> dict:
+  """Trains KaoLRM as `config` says, writing everything into `workdir`.
+  Returns the last evaluation metrics."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if config.multihost:
+    jax.distributed.initialize()
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  num_devices = mesh.devices.size
+  if config.batch_size % num_devices:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{num_devices} devices of the mesh")
+  host_batch = config.batch_size // jax.process_count()
+
+  flame = build_flame(config)
+  model = build_model(config, flame)
+  root = dataset_root(config, workdir)
+  pipe = sources.PipelineConfig(num_views=config.data.num_views,
+                                source_size=config.data.source_size,
+                                render_size=config.data.render_size)
+  loader = make_loader(config, root, "train", pipe)
+  steps_per_epoch = max(loader.num_subjects // config.batch_size, 1)
+  total_steps, stage1_steps = stage_schedule(config, steps_per_epoch)
+  logging.info("%d training subjects, %d steps per epoch, %d steps (%d in stage I), "
+               "mesh %s", loader.num_subjects, steps_per_epoch, total_steps, stage1_steps,
+               dict(mesh.shape))
+
+  tx = make_optimizer(config.optim.lr, min(config.optim.warmup_steps, total_steps - 1),
+                      total_steps, b1=config.optim.b1, b2=config.optim.b2,
+                      weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip)
+  graphdef, state = create_state(model, tx)
+  del model
+  state = place_state(state, mesh, tx)
+
+  manager = _checkpoint_manager(workdir, config)
+  if manager.latest_step() is not None:
+    state = _restore(manager, state)
+    logging.info("resumed from step %d", int(state.step))
+  elif config.init.stage1_checkpoint:
+    restored = _restore(None, state, config.init.stage1_checkpoint)
+    state = state.replace(params=restored.params, rest=restored.rest)
+    logging.info("parameters initialised from %s", config.init.stage1_checkpoint)
+  start = int(state.step)
+
+  data_sharding = sharding.batch_sharding(mesh)
+  multiview = config.data.kind == "multiview"
+  steps = {stage: compile_step(graphdef, tx, state, mesh, losses.stage_weights(
+      stage, multiview, config.loss.weights_override), config.synth_focal)
+           for stage in (1, 2)}
+  eval_step = jax.jit(evaluation.make_eval_step(graphdef, config.synth_focal))
+  eval_set = None
+  if config.eval_every > 0 and multiview:
+    eval_set = evaluation.load_eval_set(root, "val", pipe, config.eval.max_subjects,
+                                        config.eval.num_source_views, seed=config.seed)
+
+  dataset = sources.make_dataset(loader, host_batch, config.seed,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+  batches = sources.iterate(dataset, start, config.data.num_workers)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  key = jax.random.key(config.seed)
+  eval_key = jax.random.key(config.seed + 1)
+  last_eval, skipped, tick = {}, 0, time.perf_counter()
+
+  def run_eval(step):
+    metrics, outputs = evaluation.evaluate(eval_step, state.params, state.rest,
+                                           eval_set, eval_key)
+    writer.write(step, metrics, stage=1 if step < stage1_steps else 2)
+    if jax.process_index() == 0:
+      save_grid(workdir / "images" / f"step_{step:06d}.png", eval_set.batches[0], outputs)
+    return metrics
+
+  if eval_set is not None and start == 0:
+    last_eval = run_eval(0)
+  progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
+                  desc="training", unit="step", disable=jax.process_index() != 0)
+  for step in progress:
+    if step == config.stop_at_step:
+      logging.info("stopping at step %d as config.stop_at_step says", step)
+      break
+    local = next(batches)
+    skipped += int(np.sum(local.pop("num_skipped")))
+    batch = {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v))
+             for k, v in local.items()}
+    stage = 1 if step < stage1_steps else 2
+    state, metrics = steps[stage](state, batch, jax.random.fold_in(key, step))
+    done = step + 1
+    if done % config.log_every == 0 or done == total_steps:
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - tick
+      tick = time.perf_counter()
+      writer.write(done, metrics, stage=stage)
+      progress.set_postfix(stage=stage, loss=f"{float(metrics['loss']):.4g}",
+                           skipped=skipped)
+      logging.info("%.2f s/step, %d unreadable subjects skipped so far",
+                   elapsed / config.log_every, skipped)
+    manager.save(done, args=ocp.args.StandardSave(state))
+    if eval_set is not None and (done % config.eval_every == 0 or done == total_steps):
+      last_eval = run_eval(done)
+  final = int(state.step)
+  if final not in manager.all_steps():  # always leave a checkpoint of where we stopped
+    manager.save(final, args=ocp.args.StandardSave(state), force=True)
+  manager.wait_until_finished()
+  writer.close()
+  return last_eval

@@ -1,0 +1,125 @@
+"""One KaoLRM training step: forward from the source view, render every target
+view as surfels and as the FLAME mesh, weighted stage losses, AdamW update.
+
+A batch is the dict of `data_pipeline.sources` with a leading batch axis B.
+"""
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from kaojax import geometry, losses
+from kaojax.models.kaolrm import TRAINABLE
+from kaojax.render import rasterize_surfels
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step []; params: trainable nnx.State; rest: every other model variable
+  (frozen encoder/upsampler, FLAME buffers); opt_state: optax state of params."""
+  step: jax.Array
+  params: nnx.State
+  rest: nnx.State
+  opt_state: optax.OptState
+
+
+def split_model(model):
+  """-> (graphdef, trainable params, rest)."""
+  return nnx.split(model, TRAINABLE, ...)
+
+
+def create_state(model, tx) -> tuple:
+  """-> (graphdef, TrainState at step 0)."""
+  graphdef, params, rest = split_model(model)
+  return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                              opt_state=tx.init(params))
+
+
+def project_landmarks(landmarks, viewmats, Ks):
+  """landmarks [B, 68, 3] world, viewmats [B, V, 4, 4], Ks [B, V, 3, 3]
+  -> pixels [B, V, 68, 2]."""
+  pixels, _ = geometry.project_points(landmarks[:, None], viewmats, Ks)
+  return pixels
+
+
+def forward_and_render(model, batch, key, synth_focal: float, mesh: bool = True):
+  """-> (model output, renders) at the batch's target views: {"surfels": ...,
+  "mesh": ...} as KaoLRM.render gives (without "mesh" when `mesh` is False)."""
+  out = model(batch["source"], batch["source_camera"], key, synth_focal=synth_focal)
+  size = batch["target_rgb"].shape[-2]
+  background = batch["background"][:, None, :]
+  if mesh:
+    return out, model.render(out, batch["viewmats"], batch["Ks"], size, size, background)
+  surfels = rasterize_surfels(out.gaussians, batch["viewmats"], batch["Ks"], size, size,
+                              background)
+  return out, {"surfels": surfels}
+
+
+# Terms that need the surfel renders / the mesh renders.
+SURFEL_TERMS = ("pixel", "dssim", "mask", "depth_binding", "normal_binding")
+MESH_TERMS = ("pixel", "depth_binding", "normal_binding")
+
+
+def loss_terms(model, out, renders, batch, terms) -> dict:
+  """The loss terms named in `terms` (see kaojax.losses); renders must hold what
+  they need (SURFEL_TERMS, MESH_TERMS)."""
+  surfels, mesh = renders.get("surfels"), renders.get("mesh")
+  pick = {
+      "pixel": lambda: losses.masked_pixel_mse(
+          surfels["color"], batch["target_rgb"],
+          model.flame_model.face_mask[mesh["face_id"]] & mesh["mask"]),
+      "dssim": lambda: losses.dssim(surfels["color"], batch["target_rgb"]),
+      "landmark": lambda: losses.landmark_loss(
+          project_landmarks(out.landmarks, batch["viewmats"], batch["Ks"]),
+          batch["landmarks"]),
+      "shape_reg": lambda: losses.squared_norm(out.flame.shape),
+      "expression_reg": lambda: losses.squared_norm(out.flame.expression),
+      "mask": lambda: losses.mask_l1(surfels["alpha"], batch["target_alpha"]),
+      "depth_binding": lambda: losses.depth_binding(surfels["depth"], mesh["depth"],
+                                                    mesh["mask"]),
+      "normal_binding": lambda: losses.normal_binding(surfels["normal"], mesh["normal"],
+                                                      mesh["mask"]),
+  }
+  unknown = set(terms) - set(pick)
+  if unknown:
+    raise ValueError(f"unknown loss terms {sorted(unknown)}")
+  return {t: pick[t]() for t in terms}
+
+
+def make_train_step(graphdef, tx, weights: dict, synth_focal: float):
+  """A jit-able (state, batch, key) -> (state, metrics) for one loss-weight table."""
+  weights = dict(weights)
+  if weights.get("lpips"):
+    raise ValueError("the perceptual (LPIPS) term needs converted VGG weights, which "
+                     "this build does not implement; set its weight to 0 "
+                     "(config.loss.weights_override.lpips = 0)")
+
+  active = {t: w for t, w in weights.items() if w}
+  need_mesh = any(t in MESH_TERMS for t in active)
+
+  def loss_fn(params, rest, batch, key):
+    model = nnx.merge(graphdef, params, rest)
+    out, renders = forward_and_render(model, batch, key, synth_focal, mesh=need_mesh)
+    terms = loss_terms(model, out, renders, batch, active)
+    return losses.weighted_total(terms, active), terms
+
+  def train_step(state: TrainState, batch, key):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (total, terms), grads = grad_fn(state.params, state.rest, batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(terms, loss=total, grad_norm=optax.tree.norm(grads))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("synth_focal",))
+def predict(graphdef, params, rest, images, cameras, key, synth_focal: float = 0.75):
+  """Inference forward -> KaoLRMOutput (jitted)."""
+  model = nnx.merge(graphdef, params, rest)
+  return model(images, cameras, key, synth_focal=synth_focal)
