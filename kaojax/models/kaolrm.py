@@ -217,7 +217,8 @@ class KaoLRM(nnx.Module):
 
   def __call__(self, images, cameras, key, synth_focal=0.75,
                num_samples: Optional[int] = None) -> KaoLRMOutput:
-    """images [B, H, W, 3] in [0, 1] (RGBA composited on white); cameras [B, 16]
+    """images [B, H, W, 3] in [0, 1] (RGBA composited on white; see
+    `kaojax.models.lrm.prepare_source_images`); cameras [B, 16]
     OpenLRM source cameras (f = 0.75); key: PRNG key for the surface samples;
     synth_focal: normalised focal of the render cameras (scalar or [B, 1, 1])."""
     planes = self.planes(images, cameras)

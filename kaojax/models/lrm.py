@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kaojax.models.dinov2 import Dinov2, Dinov2Config, dot_product_attention, layer_norm, linear
@@ -85,6 +86,45 @@ def with_runtime_options(cfg: LRMConfig, efficient_attention: bool = None, remat
                                    dtype=dtype).items() if v is not None}
   return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **options),
                              **options)
+
+
+def _bicubic_align_corners_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
+  """[out_size, in_size] weights of torch's bicubic interpolate with
+  align_corners=True (no antialiasing): source x = i * (in - 1) / (out - 1), four taps
+  with the a = -0.75 Keys kernel, indices clamped to the border."""
+  scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+  weights = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    src = i * scale
+    base = int(np.floor(src))
+    t = src - base
+    taps = (((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a)
+    for k, w in zip(range(-1, 3), taps):
+      weights[i, min(max(base + k, 0), in_size - 1)] += w
+  return weights
+
+
+def prepare_source_images(images, size: int):
+  """OpenLRM / KaoLRM source-image preparation.
+
+  images [B, H, W, 3 or 4] in [0, 1] (RGBA is composited on white) -> [B, size, size, 3]:
+  bicubic resize as torch's interpolate(mode="bicubic", align_corners=True), then
+  clamped to [0, 1] (the bicubic kernel overshoots). No mean/std normalisation.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  if images.ndim != 4 or images.shape[-1] not in (3, 4):
+    raise ValueError(f"prepare_source_images: images must be [B, H, W, 3|4], got {images.shape}")
+  if images.shape[-1] == 4:
+    alpha = images[..., 3:]
+    images = images[..., :3] * alpha + (1.0 - alpha)
+  rows = jnp.asarray(_bicubic_align_corners_matrix(images.shape[1], size), jnp.float32)
+  cols = jnp.asarray(_bicubic_align_corners_matrix(images.shape[2], size), jnp.float32)
+  out = jnp.einsum("oh,bhwc->bowc", rows, images, precision="highest")
+  out = jnp.einsum("pw,bowc->bopc", cols, out, precision="highest")
+  return jnp.clip(out, 0.0, 1.0)
 
 
 def frozen(value, is_frozen: bool):

@@ -3,14 +3,13 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from kaojax.convert.dinov2 import resize_pos_embed
 from kaojax.convert.openlrm import load_openlrm_state, lrm_config_from_state
 from kaojax.convert.torch_state import read_state_dict
 from kaojax.models.lrm import OpenLRM, concat_plane_features, sample_triplane
 from tests.oracle_cases import load_case, oracle_cases
-
-from flax import nnx
 
 
 @pytest.fixture(autouse=True)
