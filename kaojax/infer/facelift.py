@@ -69,7 +69,7 @@ class FaceLiftModels:
 
 
 def load_models(mvdiffusion_folder, gslrm_checkpoint, text_embeddings,
-                num_views: int = 6, dtype: str = "float32"):
+                num_views: int = 6, dtype: str = "float32", attention_chunk: int = 1024):
   """Released weights -> (FaceLiftModels, the DDIM SchedulerConfig for FaceLiftConfig).
 
   mvdiffusion_folder: a diffusers StableUnCLIP-style pipeline folder with unet/, vae/,
@@ -79,7 +79,9 @@ def load_models(mvdiffusion_folder, gslrm_checkpoint, text_embeddings,
   gslrm_checkpoint: torch.save file with a `model` dict (or .safetensors).
   text_embeddings: file with the [6, 77, 1024] prompt embeddings.
   dtype: compute dtype of the UNet, VAE and CLIP ("bfloat16" / "float16" on
-  accelerators; parameters stay float32); GS-LRM and rendering stay float32."""
+  accelerators; parameters stay float32); GS-LRM and rendering stay float32.
+  attention_chunk: query block size of every attention (bounds the logits memory:
+  at 512 px the UNet's first level has 6 x 2 x 4096 queries against 8192 keys)."""
   from kaojax.convert.clip import load_clip_vision
   from kaojax.convert.diffusers import load_unet, load_vae, read_diffusers_folder
   from kaojax.convert.gslrm import load_gslrm
@@ -95,10 +97,11 @@ def load_models(mvdiffusion_folder, gslrm_checkpoint, text_embeddings,
   sched = read_json(root / "scheduler" / "scheduler_config.json")
   noising = read_json(root / "image_noising_scheduler" / "scheduler_config.json")
   models = FaceLiftModels(
-      unet=load_unet(root / "unet", num_views=num_views, dtype=dtype),
+      unet=load_unet(root / "unet", num_views=num_views, dtype=dtype,
+                     attention_chunk=attention_chunk),
       vae=load_vae(root / "vae", dtype=dtype),
       clip=load_clip_vision(root / "image_encoder", dtype=dtype),
-      gslrm=load_gslrm(gslrm_checkpoint),
+      gslrm=load_gslrm(gslrm_checkpoint, attention_chunk=attention_chunk),
       text_embeddings=jnp.asarray(load_text_embeddings(text_embeddings)),
       normalizer_mean=jnp.asarray(norm["mean"]).reshape(-1),
       normalizer_std=jnp.asarray(norm["std"]).reshape(-1),

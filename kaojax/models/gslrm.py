@@ -47,7 +47,7 @@ class GSLRMConfig:
   ln_eps: float = 1e-5
   depth_preact_bias: float = 0.0  # added to the mean xyz logit before the sigmoid
   depth_range: float = 1.8        # t = (2 sigmoid(.) - 1) * depth_range + (-o.d)
-  attention_chunk: Optional[int] = 4096   # query block size (memory), None: one block
+  attention_chunk: Optional[int] = 1024   # query block size (memory), None: one block
   dtype: str = "float32"
 
   @classmethod

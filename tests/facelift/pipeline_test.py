@@ -120,6 +120,7 @@ def test_load_models_from_folders(tmp_path):
                                            dtype="bfloat16")
   assert models.unet.cfg.dtype == models.vae.cfg.dtype == models.clip.cfg.dtype == "bfloat16"
   assert models.gslrm.cfg.dtype == "float32"
+  assert models.unet.cfg.attention_chunk == models.gslrm.cfg.attention_chunk == 1024
   assert scheduler.prediction_type == "v_prediction" and scheduler.steps_offset == 1
   assert models.noising_scheduler.beta_schedule == "squaredcos_cap_v2"
   assert models.unet.cfg.in_channels == 8 and models.unet.cfg.num_views == 6

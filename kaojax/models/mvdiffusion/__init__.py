@@ -1,1 +1,7 @@
-"""FaceLift multi-view diffusion: UNet with sparse multi-view attention, VAE, schedulers."""
+"""FaceLift multi-view diffusion: UNet with sparse multi-view attention, VAE, CLIP
+image encoder, schedulers and the training objective."""
+
+from kaojax.models.mvdiffusion.clip import CLIPVisionConfig, CLIPVisionEncoder
+from kaojax.models.mvdiffusion.scheduler import DDIM, SchedulerConfig
+from kaojax.models.mvdiffusion.unet import UNet, UNetConfig
+from kaojax.models.mvdiffusion.vae import VAE, VAEConfig
