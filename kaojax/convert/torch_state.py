@@ -92,7 +92,7 @@ class StateMapping:
   """Collects {nnx path: array} from a torch state dict and remembers which
   torch key each array came from, for error messages.
 
-  `prefix_allow` lists fnmatch patterns of torch keys that may be present in the
+  `allow` lists fnmatch patterns of torch keys that may be present in the
   checkpoint but are deliberately unused (e.g. "synthesizer.*" for KaoLRM).
   """
 
