@@ -342,6 +342,7 @@ def _save_video(path: pathlib.Path, frames, fps: int) -> pathlib.Path:
     iio.imwrite(path, frames, fps=fps)
     return path
   except Exception:                                      # no ffmpeg / pyav plugin
+    path.unlink(missing_ok=True)                         # drop a partial file
     gif = path.with_suffix(".gif")
     iio.imwrite(gif, frames, duration=1000.0 / fps, loop=0)
     return gif

@@ -39,6 +39,8 @@ def test_end_to_end_tiny(tmp_path, models):
   renders = np.asarray(result["renders"])        # kaojax.render.rasterize_gaussians
   assert renders.shape == (6, 32, 32, 3) and np.all(np.isfinite(renders))
   assert result["turntable"].is_file()
+  assert result["turntable"].suffix in (".mp4", ".gif")
+  assert len(list(tmp_path.glob("turntable.*"))) == 1       # no partial leftovers
 
 
 def test_guidance_and_conditioning_paths(models):
