@@ -142,8 +142,14 @@ def rasterize_surfels(gaussians: Gaussians, viewmats, Ks, width: int, height: in
                            normalised, as gsplat / diff-surfel-rasterization)
     overflow [...] int32   (tile, surfel) pairs dropped by `tile_capacity`
     max_tile_count [...]   largest number of surfels covering one tile
+  Tiling: each tile_size^2 tile composites at most `tile_capacity` surfels, the
+  nearest by centre depth; the rest are dropped and counted in `overflow`
+  (raise tile_capacity when it is > 0; cost grows linearly with it, memory
+  with tiles x N for the binning, never pixels x N). `block_size` surfels are
+  composited per scan step (a checkpointed step: backward memory is one carry
+  per block).
   """
   grid = tiles.TileGrid(width, height, tile_size)
-  return views.render_gaussian_views(_render_one_view, gaussians, viewmats, Ks, background, grid=grid,
-                 near_plane=near_plane, far_plane=far_plane, capacity=tile_capacity,
-                 block_size=block_size)
+  return views.render_gaussian_views(
+      _render_one_view, gaussians, viewmats, Ks, background, grid=grid, near_plane=near_plane,
+      far_plane=far_plane, capacity=tile_capacity, block_size=block_size)
