@@ -124,12 +124,21 @@ def load_flame_npz(directory: PathLike, meta: Optional[dict] = None):
   return FlameModel(**arrays, **static)
 
 
+# KaoLRMConfig fields that do not change the parameters (load_model may replace them).
+KAOLRM_RUNTIME_FIELDS = ("num_samples", "monocular")
+
+
 def load_model(directory: PathLike, flame=None, efficient_attention: Optional[bool] = None,
-               remat: Optional[bool] = None, dtype: Optional[str] = None):
+               remat: Optional[bool] = None, dtype: Optional[str] = None, **kaolrm_options):
   """An OpenLRM or KaoLRM model from a directory written by `save_model`.
 
   flame: a FlameModel replacing the stored one (KaoLRM). efficient_attention / remat /
-  dtype: execution options (None keeps the saved value)."""
+  dtype: execution options (None keeps the saved value). kaolrm_options: KaoLRM's
+  num_samples / monocular."""
+  unknown = sorted(set(kaolrm_options) - set(KAOLRM_RUNTIME_FIELDS))
+  if unknown:
+    raise TypeError(f"load_model: unknown options {unknown} (KaoLRM options: "
+                    f"{KAOLRM_RUNTIME_FIELDS})")
   import orbax.checkpoint as ocp
   from kaojax.models.kaolrm import FlameBuffer, KaoLRM, KaoLRMConfig
   from kaojax.models.lrm import LRMConfig, OpenLRM, with_runtime_options
@@ -139,12 +148,15 @@ def load_model(directory: PathLike, flame=None, efficient_attention: Optional[bo
   if meta["kind"] == "kaolrm":
     cfg = config_from_dict(KaoLRMConfig, meta["config"], source)
     cfg = dataclasses.replace(cfg, lrm=with_runtime_options(cfg.lrm, efficient_attention,
-                                                            remat, dtype))
+                                                            remat, dtype), **kaolrm_options)
     if flame is None:
       flame = load_flame_npz(directory, meta)
     model = nnx.eval_shape(lambda: KaoLRM(cfg, flame, nnx.Rngs(0)))
     model.flame = FlameBuffer(flame)
   else:
+    if kaolrm_options:
+      raise TypeError(f"load_model: {sorted(kaolrm_options)} apply to KaoLRM, {directory} "
+                      "holds an OpenLRM model")
     cfg = with_runtime_options(config_from_dict(LRMConfig, meta["config"], source),
                                efficient_attention, remat, dtype)
     model = nnx.eval_shape(lambda: OpenLRM(cfg, nnx.Rngs(0)))

@@ -139,8 +139,12 @@ def test_cli_kaolrm_checkpoint_with_flame_buffers(tmp_path):
 
   main(["--in", str(src), "--out", str(tmp_path / "ckpt")]      # --kind auto -> kaolrm
        + head_args(case_folder))
-  model = load_model(tmp_path / "ckpt", remat=True, efficient_attention=False)
+  model = load_model(tmp_path / "ckpt", remat=True, efficient_attention=False, monocular=True,
+                     num_samples=100)
   assert model.cfg.lrm.remat and model.cfg.lrm.encoder.remat
+  assert model.cfg.monocular and model.cfg.num_samples == 100
+  with pytest.raises(TypeError, match="flame_hidden"):
+    load_model(tmp_path / "ckpt", flame_hidden=(1, 2, 3))
   assert not model.cfg.lrm.efficient_attention
   assert model.cfg.flame_hidden == (32, 16, 8) and model.cfg.gaussian_hidden == 8
   got = params_of(model)
