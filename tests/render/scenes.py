@@ -35,3 +35,20 @@ def orbit_views(seed, batch=(), distance=4.0, width=48, height=32, focal=40.0, d
   K[:, 1, 2] = height / 2 + rng.uniform(-2, 2, size=(n,))
   K[:, 2, 2] = 1.0
   return viewmats.astype(dtype), K.reshape(tuple(batch) + (3, 3)).astype(dtype)
+
+
+def add_splats_behind_camera(g, viewmat, count=2):
+  """Append `count` Gaussians behind the camera `viewmat` [4, 4] (camera z < 0),
+  e.g. to check that culled splats keep gradients finite."""
+  R, t = np.asarray(viewmat)[:3, :3], np.asarray(viewmat)[:3, 3]
+  centre = -R.T @ t
+  back = -R[2]                                          # world direction of camera -z
+  means = centre + np.outer(0.3 + 0.2 * np.arange(count), back)
+  extra = {
+      "means": means, "quats": np.tile([1.0, 0.2, 0.0, 0.1], (count, 1)),
+      "scales": np.full((count, 3), 0.2), "opacities": np.full((count,), 0.8),
+      "colors": np.full((count, 3), 0.5)}
+  fields = {k: np.concatenate([np.asarray(getattr(g, k)),
+                               extra[k].astype(np.asarray(getattr(g, k)).dtype)], 0)
+            for k in extra}
+  return Gaussians(**fields)
