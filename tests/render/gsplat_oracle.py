@@ -48,7 +48,11 @@ def to_kaojax_conventions(kind: str, gsplat_out: dict, scales=None) -> dict:
      before its det > 0 test (so never culls on it); kaojax culls det <= 0 like
      gsplat's CUDA kernel. With eps2d = 0.3 added to a PSD covariance this only
      differs for degenerate input.
-  7. Output dict names: color / alpha / depth / normal, alpha without the
+  7. 3DGS radii: the 3.33-sigma box of gsplat's PyTorch port. gsplat's CUDA
+     kernel also shrinks it by opacity (sqrt(2 log(o / (1/255))) sigmas); that
+     only removes pixels where alpha < 1/255, which are skipped anyway, so the
+     images agree; only tile lists (and `overflow`) can be longer here.
+  8. Output dict names: color / alpha / depth / normal, alpha without the
      trailing channel axis.
   """
   out = {k: np.asarray(v.detach().cpu().numpy() if torch.is_tensor(v) else v)
