@@ -22,7 +22,9 @@ def base_config():
   config.model.remat = False
 
   config.init = ml_collections.ConfigDict()
-  config.init.openlrm_checkpoint = ""  # converted Orbax dir (python -m kaojax.convert.openlrm)
+  # A converted model dir: python -m kaojax.convert.openlrm --kind kaolrm-init
+  #   --in openlrm-mix-base/ --flame FLAME2020/ --out DIR  (OpenLRM backbone, fresh decoders)
+  config.init.converted_model = ""
   config.init.stage1_checkpoint = ""   # a previous run's checkpoints/ dir
 
   config.data = ml_collections.ConfigDict()

@@ -5,7 +5,7 @@
     python run.py --config=configs/stage2.py:tiny --workdir=outputs/tiny   # CPU demo
     python run.py --config=configs/stage2.py --config.data.root=/data/FaceVerse \
         --config.flame_path=/models/FLAME2020 \
-        --config.init.openlrm_checkpoint=/models/openlrm-mix-base-orbax
+        --config.init.converted_model=/models/kaolrm-init
 """
 
 from configs import kaolrm_common

@@ -26,6 +26,7 @@ from kaojax import losses, sharding
 from kaojax.flame.io import load_flame
 from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.models.kaolrm import KaoLRM, kaolrm_config
+from kaojax.models.lrm import with_runtime_options
 from kaojax.train import evaluate as evaluation
 from kaojax.train.metrics import MetricWriter
 from kaojax.train.optimizer import make_optimizer
@@ -43,17 +44,24 @@ def build_flame(config):
 
 
 def build_model(config, flame):
+  """KaoLRM from `config.model`, or from a converted model directory
+  (`config.init.converted_model`: the output of `python -m kaojax.convert.openlrm
+  --kind kaolrm-init` (OpenLRM backbone + fresh decoders) or `--kind kaolrm`)."""
+  if config.init.converted_model:
+    from kaojax.convert import checkpoint  # pylint: disable=import-outside-toplevel
+    model = checkpoint.load_model(config.init.converted_model, flame=flame,
+                                  remat=config.model.remat, dtype=config.model.dtype)
+    if not isinstance(model, KaoLRM):
+      raise ValueError(f"{config.init.converted_model} holds an OpenLRM model; convert the "
+                       "OpenLRM checkpoint with --kind kaolrm-init to start KaoLRM training")
+    logging.info("model initialised from %s", config.init.converted_model)
+    return model
   cfg = kaolrm_config(config.model.preset, n_shape=config.model.n_shape,
                       n_expr=config.model.n_expr, num_samples=config.model.num_samples,
                       monocular=config.data.kind == "monocular")
-  cfg = dataclasses.replace(cfg, lrm=dataclasses.replace(
-      cfg.lrm, dtype=config.model.dtype, remat=config.model.remat))
-  model = KaoLRM(cfg, flame, nnx.Rngs(config.seed))
-  if config.init.openlrm_checkpoint:
-    from kaojax.convert import checkpoint  # pylint: disable=import-outside-toplevel
-    checkpoint.load_backbone_into(model, config.init.openlrm_checkpoint)
-    logging.info("backbone initialised from %s", config.init.openlrm_checkpoint)
-  return model
+  cfg = dataclasses.replace(cfg, lrm=with_runtime_options(
+      cfg.lrm, remat=config.model.remat, dtype=config.model.dtype))
+  return KaoLRM(cfg, flame, nnx.Rngs(config.seed))
 
 
 def dataset_root(config, workdir) -> pathlib.Path:

@@ -14,7 +14,6 @@ from flax import nnx
 
 from kaojax import geometry, losses
 from kaojax.models.kaolrm import TRAINABLE
-from kaojax.render import rasterize_surfels
 
 
 @flax.struct.dataclass
@@ -52,11 +51,8 @@ def forward_and_render(model, batch, key, synth_focal: float, mesh: bool = True)
   out = model(batch["source"], batch["source_camera"], key, synth_focal=synth_focal)
   size = batch["target_rgb"].shape[-2]
   background = batch["background"][:, None, :]
-  if mesh:
-    return out, model.render(out, batch["viewmats"], batch["Ks"], size, size, background)
-  surfels = rasterize_surfels(out.gaussians, batch["viewmats"], batch["Ks"], size, size,
-                              background)
-  return out, {"surfels": surfels}
+  return out, model.render(out, batch["viewmats"], batch["Ks"], size, size, background,
+                           mesh=mesh)
 
 
 # Terms that need the surfel renders / the mesh renders.

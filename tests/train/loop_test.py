@@ -1,0 +1,48 @@
+"""Pieces of the training loop: schedules, model building from converted weights."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import stage1, stage2, finetune_mono
+from kaojax.convert.checkpoint import save_model
+from kaojax.flame.synthetic import make_synthetic_flame
+from kaojax.models.kaolrm import KaoLRM, kaolrm_config
+from kaojax.models.lrm import OpenLRM, openlrm_config
+from kaojax.train import loop
+
+
+def test_stage_schedule_by_epoch_and_by_step():
+  config = stage2.get_config()
+  assert loop.stage_schedule(config, steps_per_epoch=10) == (3000, 50)  # 300 / 5 epochs
+  config.stage1_steps, config.total_steps = 7, 20
+  assert loop.stage_schedule(config, 10) == (20, 7)
+  assert loop.stage_schedule(stage1.get_config(), 10) == (50, 50)
+  assert loop.stage_schedule(finetune_mono.get_config(), 10) == (2000, 0)
+
+
+def test_paper_values_in_the_default_config():
+  config = stage2.get_config()
+  assert (config.optim.lr, config.optim.b2, config.optim.weight_decay) == (4e-4, 0.95, 0.05)
+  assert (config.optim.warmup_steps, config.optim.clip) == (3000, 1.0)
+  assert (config.data.source_size, config.data.render_size, config.data.num_views) == (224, 192, 4)
+  assert config.model.num_samples == 8000 and config.model.preset == "base"
+  with pytest.raises(ValueError, match="unknown preset"):
+    stage2.get_config("huge")
+
+
+def test_build_model_from_a_converted_directory(tmp_path):
+  flame = make_synthetic_flame()
+  saved = KaoLRM(kaolrm_config("tiny"), flame, nnx.Rngs(3))
+  save_model(tmp_path / "kaolrm", saved)
+  config = stage2.get_config("tiny")
+  config.init.converted_model = str(tmp_path / "kaolrm")
+  model = loop.build_model(config, flame)
+  for a, b in zip(jax.tree.leaves(nnx.state(saved, nnx.Param)),
+                  jax.tree.leaves(nnx.state(model, nnx.Param))):
+    np.testing.assert_array_equal(a, b)
+  save_model(tmp_path / "openlrm", OpenLRM(openlrm_config("tiny"), nnx.Rngs(0)))
+  config.init.converted_model = str(tmp_path / "openlrm")
+  with pytest.raises(ValueError, match="--kind kaolrm-init"):
+    loop.build_model(config, flame)
