@@ -42,6 +42,12 @@ def base_config():
   config.data.synthetic.val_fraction = 0.0625
   config.synth_focal = 0.75         # normalised focal of the render cameras
 
+  config.render = ml_collections.ConfigDict()
+  # Primitives kept per 16-px screen tile; the metric `render_overflow` counts what
+  # was dropped. None: the renderers' default.
+  config.render.surfel_tile_capacity = ml_collections.FieldReference(None, field_type=int)
+  config.render.mesh_tile_capacity = ml_collections.FieldReference(None, field_type=int)
+
   config.batch_size = 64            # global: 16 subjects x 4 GPUs
   config.num_epochs = 300
   config.total_steps = -1           # > 0 overrides num_epochs
@@ -81,17 +87,18 @@ def base_config():
 def tiny_overrides(config, stage1_steps: int, stage2_steps: int):
   """CPU-sized model and data; the stage switch by step."""
   config.model.preset = "tiny"
-  config.model.num_samples = 1024
+  config.model.num_samples = 512
   config.data.source_size = 56      # the tiny encoder's input size
-  config.data.render_size = 48
+  config.data.render_size = 32
+  config.render.surfel_tile_capacity = 256
   config.data.synthetic.num_subjects = 40
   config.data.synthetic.num_views = 8
-  config.data.synthetic.image_size = 96
+  config.data.synthetic.image_size = 64
   config.data.synthetic.val_fraction = 0.1
   config.batch_size = 4
   config.total_steps = stage1_steps + stage2_steps
   config.stage1_steps = stage1_steps
-  config.optim.lr = 2e-3
+  config.optim.lr = 1e-2
   config.optim.warmup_steps = 20
   config.log_every = 10
   config.eval_every = 50

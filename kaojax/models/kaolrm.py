@@ -235,7 +235,8 @@ class KaoLRM(nnx.Module):
                         face_idx=face_idx, bary=bary)
 
   def render(self, out: KaoLRMOutput, viewmats, Ks, width: int, height: int, background=None,
-             mesh: bool = True) -> dict:
+             mesh: bool = True, surfel_capacity: Optional[int] = None,
+             mesh_capacity: Optional[int] = None) -> dict:
     """Renders the Gaussians as 2D surfels and (when `mesh`) the FLAME mesh.
 
     viewmats [B, V, 4, 4] OpenCV world-to-camera in the FLAME world; Ks [B, V, 3, 3]
@@ -243,14 +244,16 @@ class KaoLRM(nnx.Module):
     [B, V, H, W, 3], alpha, depth, normal (kaojax.render.rasterize_surfels), "mesh":
     dict depth, normal, mask, face_id, bary (kaojax.render.rasterize_mesh)}. Values
     are the renderers' own (no clamping); the renderer is imported here so that the
-    network can be built and trained without it.
+    network can be built and trained without it. surfel_capacity / mesh_capacity:
+    the renderers' per-tile primitive budgets (None: their defaults).
     """
     from kaojax.render import rasterize_mesh, rasterize_surfels
+    option = lambda capacity: {} if capacity is None else {"tile_capacity": capacity}
     renders = {"surfels": rasterize_surfels(out.gaussians, viewmats, Ks, width, height,
-                                            background)}
+                                            background, **option(surfel_capacity))}
     if mesh:
       renders["mesh"] = rasterize_mesh(out.vertices, self.flame_model.faces, viewmats, Ks,
-                                       width, height)
+                                       width, height, **option(mesh_capacity))
     return renders
 
 

@@ -135,11 +135,12 @@ def place_state(state, mesh, tx):
                        step=jax.device_put(state.step, replicated), opt_state=opt_state)
 
 
-def compile_step(graphdef, tx, state, mesh, weights: dict, synth_focal: float):
+def compile_step(graphdef, tx, state, mesh, weights: dict, synth_focal: float,
+                 capacities=(None, None)):
   """The jitted train step for `state`'s shardings and batches split over `mesh`."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  fn = make_train_step(graphdef, tx, weights, synth_focal)
+  fn = make_train_step(graphdef, tx, weights, synth_focal, capacities)
   return jax.jit(fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
                                    replicated),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
@@ -199,10 +200,11 @@ def train_and_evaluate(config, workdir) -> dict:
 
   data_sharding = sharding.batch_sharding(mesh)
   multiview = config.data.kind == "multiview"
+  capacities = (config.render.surfel_tile_capacity, config.render.mesh_tile_capacity)
   steps = {stage: compile_step(graphdef, tx, state, mesh, losses.stage_weights(
-      stage, multiview, config.loss.weights_override), config.synth_focal)
+      stage, multiview, config.loss.weights_override), config.synth_focal, capacities)
            for stage in (1, 2)}
-  eval_step = jax.jit(evaluation.make_eval_step(graphdef, config.synth_focal))
+  eval_step = jax.jit(evaluation.make_eval_step(graphdef, config.synth_focal, capacities))
   eval_set = None
   if config.eval_every > 0 and multiview:
     eval_set = evaluation.load_eval_set(root, "val", pipe, config.eval.max_subjects,

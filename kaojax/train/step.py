@@ -45,14 +45,17 @@ def project_landmarks(landmarks, viewmats, Ks):
   return pixels
 
 
-def forward_and_render(model, batch, key, synth_focal: float, mesh: bool = True):
+def forward_and_render(model, batch, key, synth_focal: float, mesh: bool = True,
+                       capacities=(None, None)):
   """-> (model output, renders) at the batch's target views: {"surfels": ...,
-  "mesh": ...} as KaoLRM.render gives (without "mesh" when `mesh` is False)."""
+  "mesh": ...} as KaoLRM.render gives (without "mesh" when `mesh` is False).
+  capacities: the (surfel, mesh) renderers' per-tile budgets (None: default)."""
   out = model(batch["source"], batch["source_camera"], key, synth_focal=synth_focal)
   size = batch["target_rgb"].shape[-2]
   background = batch["background"][:, None, :]
   return out, model.render(out, batch["viewmats"], batch["Ks"], size, size, background,
-                           mesh=mesh)
+                           mesh=mesh, surfel_capacity=capacities[0],
+                           mesh_capacity=capacities[1])
 
 
 # Terms that need the surfel renders / the mesh renders.
@@ -86,8 +89,12 @@ def loss_terms(model, out, renders, batch, terms) -> dict:
   return {t: pick[t]() for t in terms}
 
 
-def make_train_step(graphdef, tx, weights: dict, synth_focal: float):
-  """A jit-able (state, batch, key) -> (state, metrics) for one loss-weight table."""
+def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
+                    capacities=(None, None)):
+  """A jit-able (state, batch, key) -> (state, metrics) for one loss-weight table.
+  metrics: every active loss term, `loss`, `grad_norm` and `render_overflow` (mean
+  number of (tile, primitive) pairs per view the renderers dropped; raise
+  the capacities when it is not 0)."""
   weights = dict(weights)
   if weights.get("lpips"):
     raise ValueError("the perceptual (LPIPS) term needs converted VGG weights, which "
@@ -99,9 +106,11 @@ def make_train_step(graphdef, tx, weights: dict, synth_focal: float):
 
   def loss_fn(params, rest, batch, key):
     model = nnx.merge(graphdef, params, rest)
-    out, renders = forward_and_render(model, batch, key, synth_focal, mesh=need_mesh)
+    out, renders = forward_and_render(model, batch, key, synth_focal, mesh=need_mesh,
+                                      capacities=capacities)
     terms = loss_terms(model, out, renders, batch, active)
-    return losses.weighted_total(terms, active), terms
+    overflow = sum(jnp.mean(r["overflow"].astype(jnp.float32)) for r in renders.values())
+    return losses.weighted_total(terms, active), dict(terms, render_overflow=overflow)
 
   def train_step(state: TrainState, batch, key):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
