@@ -23,23 +23,14 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timing import best_time
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _time(fn, repeats):
-  fn()  # warm-up / compile
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def bench_unet(quick: bool, repeats: int):
@@ -76,11 +67,11 @@ def bench_unet(quick: bool, repeats: int):
   for views in (1, 6):
     model = load_unet(folder, num_views=views)
     step = nnx.jit(lambda m, a, b, c, d: m(a, b, c, d))
-    results[f"kaojax_views{views}_s"] = _time(
+    results[f"kaojax_views{views}_s"] = best_time(
         lambda: jax.block_until_ready(step(model, x, t, ctx, lab)), repeats)
   tx = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
   with torch.no_grad():
-    results["diffusers_s"] = _time(
+    results["diffusers_s"] = best_time(
         lambda: ref(tx, torch.from_numpy(t), torch.from_numpy(ctx),
                     class_labels=torch.from_numpy(lab)).sample, repeats)
   results["speedup_vs_diffusers"] = results["diffusers_s"] / results["kaojax_views1_s"]
@@ -147,13 +138,13 @@ def bench_gslrm(quick: bool, repeats: int):
   images = jnp.asarray(rng.uniform(size=(1, views, size, size, 3)).astype(np.float32))
   fwd = nnx.jit(lambda m, a, b, c: m(a, b, c))
   out = fwd(model, images, c2w, K)
-  t_jax = _time(lambda: jax.block_until_ready(fwd(model, images, c2w, K).xyz), repeats)
+  t_jax = best_time(lambda: jax.block_until_ready(fwd(model, images, c2w, K).xyz), repeats)
   tokens = torch.from_numpy(np.array(patchify(facelift_ray_encoding(images, c2w, K), cfg.patch)))
   peer = _torch_gslrm(state, cfg)
   with torch.no_grad():
     raw = peer(tokens).numpy()
     err = float(np.abs(raw - np.asarray(out.raw)).max())
-    t_torch = _time(lambda: peer(tokens), repeats)
+    t_torch = best_time(lambda: peer(tokens), repeats)
   return dict(kaojax_s=t_jax, torch_s=t_torch, speedup_vs_torch=t_torch / t_jax,
               max_abs_diff_raw=err, gaussians=int(out.xyz.shape[1]),
               config=dict(dim=cfg.dim, layers=cfg.layers, size=size, views=views))

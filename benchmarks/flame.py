@@ -10,21 +10,12 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _time(fn, repeats):
-  fn()  # warm-up / compile
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
+from timing import best_time
 
 
 def main():
@@ -53,7 +44,7 @@ def main():
     expr = rng.normal(size=(batch, 50)).astype(np.float32)
     pose = (0.2 * rng.normal(size=(batch, 6))).astype(np.float32)
     js, je, jp = jnp.asarray(shape), jnp.asarray(expr), jnp.asarray(pose)
-    t_jax = _time(lambda: jax.block_until_ready(forward(model, js, je, jp)), repeats)
+    t_jax = best_time(lambda: jax.block_until_ready(forward(model, js, je, jp)), repeats)
 
     ref = smplx.FLAME(model_path=str(folder), num_betas=100, num_expression_coeffs=50,
                       use_face_contour=True, batch_size=batch)
@@ -62,7 +53,7 @@ def main():
     def run_smplx():
       with torch.no_grad():
         ref(betas=ts, expression=te, global_orient=tp[:, :3], jaw_pose=tp[:, 3:])
-    t_torch = _time(run_smplx, repeats)
+    t_torch = best_time(run_smplx, repeats)
     results[batch] = (t_jax, t_torch)
     print(f"batch {batch:3d}: kaojax {t_jax * 1e3:8.2f} ms   smplx {t_torch * 1e3:8.2f} ms   "
           f"speedup x{t_torch / t_jax:.2f}")

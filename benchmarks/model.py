@@ -15,11 +15,12 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from timing import best_time
 
 # Dense peak FLOP/s per device kind (vendor figures, no sparsity) by compute dtype.
 PEAK_FLOPS = {
@@ -27,16 +28,6 @@ PEAK_FLOPS = {
     "H200": {"bfloat16": 989e12, "float32": 67e12},
     "A100": {"bfloat16": 312e12, "float32": 19.5e12},
 }
-
-
-def _time(fn, repeats):
-  fn()  # warm-up / compile
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def _peak_flops(dtype):
@@ -112,15 +103,15 @@ def bench_size(name, args, flame):
       ref(pixel_values=pixel_values)
 
   encode = nnx.jit(lambda m, x: m(x))
-  t_ours = _time(lambda: jax.block_until_ready(encode(encoder, images)), args.repeats)
+  t_ours = best_time(lambda: jax.block_until_ready(encode(encoder, images)), args.repeats)
   on_cpu = jax.default_backend() == "cpu"
-  t_torch = _time(run_torch, args.repeats) if on_cpu else None
+  t_torch = best_time(run_torch, args.repeats) if on_cpu else None
 
   model = _random_params(nnx.eval_shape(lambda: KaoLRM(cfg, flame, nnx.Rngs(0))), 1)
   model.flame = type(model.flame)(flame)
   key = jax.random.key(0)
   forward = nnx.jit(lambda m, x, c, k: m(x, c, k))
-  t_model = _time(lambda: jax.block_until_ready(forward(model, images, cameras, key)),
+  t_model = best_time(lambda: jax.block_until_ready(forward(model, images, cameras, key)),
                   args.repeats)
 
   result = {
