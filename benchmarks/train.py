@@ -1,0 +1,98 @@
+"""KaoLRM training-step speed on this machine: step time and examples/s for stage I
+and stage II, and the share of a step spent outside the network (renderers, losses),
+measured against the network's own forward+backward in the same run.
+
+    python benchmarks/train.py [--quick] [--presets tiny,base]
+
+--quick: the tiny preset only. Batches are random (same shapes as the data
+pipeline's). The last line is one JSON object.
+"""
+
+import argparse
+import json
+
+import jax
+import numpy as np
+from flax import nnx
+
+from timing import best_time
+from kaojax import geometry, losses
+from kaojax.flame.synthetic import make_synthetic_flame
+from kaojax.models.kaolrm import KaoLRM, kaolrm_config
+from kaojax.train.optimizer import make_optimizer
+from kaojax.train.step import create_state, make_train_step
+
+# preset -> (batch, views, source size, render size, surface samples, tile capacity)
+SETTINGS = {
+    "tiny": (4, 4, 56, 32, 512, 256),
+    "small": (1, 4, 224, 192, 8000, None),
+    "base": (1, 4, 224, 192, 8000, None),
+}
+
+
+def random_batch(batch, views, source, render, seed=0):
+  rng = np.random.default_rng(seed)
+  c2w = np.asarray(geometry.orbit_cameras(rng.uniform(230, 310, (batch, views)),
+                                          rng.uniform(-20, 30, (batch, views)), 2.0, up="y"))
+  K = np.array([[0.75 * render, 0, render / 2], [0, 0.75 * render, render / 2], [0, 0, 1]])
+  return {
+      "source": rng.uniform(size=(batch, source, source, 3)).astype(np.float32),
+      "source_camera": np.tile(np.asarray(geometry.default_openlrm_source_camera()), (batch, 1)),
+      "target_rgb": rng.uniform(size=(batch, views, render, render, 3)).astype(np.float32),
+      "target_alpha": rng.uniform(size=(batch, views, render, render)).astype(np.float32),
+      "viewmats": np.linalg.inv(c2w).astype(np.float32),
+      "Ks": np.broadcast_to(K, (batch, views, 3, 3)).astype(np.float32),
+      "landmarks": rng.uniform(1, render - 1, (batch, views, 68, 2)).astype(np.float32),
+      "background": np.ones((batch, 3), np.float32),
+  }
+
+
+def measure(preset, repeats):
+  batch_size, views, source, render, samples, capacity = SETTINGS[preset]
+  model = KaoLRM(kaolrm_config(preset, num_samples=samples), make_synthetic_flame(),
+                 nnx.Rngs(0))
+  tx = make_optimizer(1e-4, 10, 1000)
+  graphdef, state = create_state(model, tx)
+  batch = random_batch(batch_size, views, source, render)
+  key = jax.random.key(0)
+  result = {}
+  for stage in (1, 2):
+    step = jax.jit(make_train_step(graphdef, tx, losses.stage_weights(stage, overrides={
+        "lpips": 0}), 0.75, (capacity, None)))
+    seconds = best_time(lambda: jax.block_until_ready(step(state, batch, key)[1]["loss"]),
+                        repeats)
+    result[f"stage{stage}_step_s"] = seconds
+    result[f"stage{stage}_examples_per_s"] = batch_size / seconds
+
+  def network_only(params, rest):
+    m = nnx.merge(graphdef, params, rest)
+    out = m(batch["source"], batch["source_camera"], key)
+    return (out.gaussians.colors.sum() + out.flame.raw.sum()).astype(np.float32)
+
+  net = jax.jit(jax.grad(network_only))
+  result["network_fwd_bwd_s"] = best_time(
+      lambda: jax.block_until_ready(net(state.params, state.rest)), repeats)
+  result["stage2_over_network"] = result["stage2_step_s"] / result["network_fwd_bwd_s"]
+  print(f"{preset:>5}: batch {batch_size} x {views} views, render {render}px, "
+        f"{samples} surfels | stage I {result['stage1_step_s']:.3f} s/step, stage II "
+        f"{result['stage2_step_s']:.3f} s/step ({result['stage2_examples_per_s']:.2f} "
+        f"examples/s) | network alone {result['network_fwd_bwd_s']:.3f} s "
+        f"-> step / network x{result['stage2_over_network']:.1f}")
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--quick", action="store_true", help="tiny preset only")
+  parser.add_argument("--presets", default="tiny,base")
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  presets = ["tiny"] if args.quick else args.presets.split(",")
+  results = {p: measure(p, args.repeats if p == "tiny" else 1) for p in presets}
+  print(json.dumps({"benchmark": "kaolrm_train_step", "device": jax.devices()[0].platform,
+                    **{f"{p}_{k}": round(v, 4) for p, r in results.items()
+                       for k, v in r.items()}}))
+
+
+if __name__ == "__main__":
+  main()
