@@ -4,8 +4,6 @@ view as surfels and as the FLAME mesh, weighted stage losses, AdamW update.
 A batch is the dict of `data_pipeline.sources` with a leading batch axis B.
 """
 
-import functools
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -26,14 +24,10 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def split_model(model):
-  """-> (graphdef, trainable params, rest)."""
-  return nnx.split(model, TRAINABLE, ...)
-
-
 def create_state(model, tx) -> tuple:
-  """-> (graphdef, TrainState at step 0)."""
-  graphdef, params, rest = split_model(model)
+  """-> (graphdef, TrainState at step 0): the trainable parameters apart from the
+  rest of the model."""
+  graphdef, params, rest = nnx.split(model, TRAINABLE, ...)
   return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                               opt_state=tx.init(params))
 
@@ -58,14 +52,13 @@ def forward_and_render(model, batch, key, synth_focal: float, mesh: bool = True,
                            mesh_capacity=capacities[1])
 
 
-# Terms that need the surfel renders / the mesh renders.
-SURFEL_TERMS = ("pixel", "dssim", "mask", "depth_binding", "normal_binding")
+# Terms that need the mesh renders (the surfels are always rendered).
 MESH_TERMS = ("pixel", "depth_binding", "normal_binding")
 
 
 def loss_terms(model, out, renders, batch, terms) -> dict:
-  """The loss terms named in `terms` (see kaojax.losses); renders must hold what
-  they need (SURFEL_TERMS, MESH_TERMS)."""
+  """The loss terms named in `terms` (see kaojax.losses); renders must hold the mesh
+  renders when a MESH_TERMS term is asked for."""
   surfels, mesh = renders.get("surfels"), renders.get("mesh")
   pick = {
       "pixel": lambda: losses.masked_pixel_mse(
@@ -121,10 +114,3 @@ def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
-
-
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("synth_focal",))
-def predict(graphdef, params, rest, images, cameras, key, synth_focal: float = 0.75):
-  """Inference forward -> KaoLRMOutput (jitted)."""
-  model = nnx.merge(graphdef, params, rest)
-  return model(images, cameras, key, synth_focal=synth_focal)
