@@ -71,16 +71,18 @@ def dataset_root(config, workdir) -> pathlib.Path:
   if config.data.root:
     return pathlib.Path(config.data.root)
   root = pathlib.Path(workdir) / "synthetic_data"
-  mono = pathlib.Path(workdir) / "synthetic_data_mono"
-  if not (root / SYNTHETIC_DONE).is_file():
+  monocular = config.data.kind == "monocular"
+  target = pathlib.Path(workdir) / "synthetic_data_mono" if monocular else root
+  if not (target / SYNTHETIC_DONE).is_file():
     syn = config.data.synthetic
     logging.info("generating the synthetic dataset (%d subjects x %d views) in %s",
                  syn.num_subjects, syn.num_views, root)
     synthetic.generate(root, syn.num_subjects, syn.num_views, syn.image_size,
                        seed=syn.seed, flame_path=config.flame_path,
-                       val_fraction=syn.val_fraction, monocular_out=mono)
-    (root / SYNTHETIC_DONE).write_text(json.dumps(syn.to_dict()))
-  return mono if config.data.kind == "monocular" else root
+                       val_fraction=syn.val_fraction,
+                       monocular_out=target if monocular else None)
+    (target / SYNTHETIC_DONE).write_text(json.dumps(syn.to_dict()))
+  return target
 
 
 def make_loader(config, root, split, cfg):
@@ -109,15 +111,13 @@ def _checkpoint_manager(workdir, config):
                                options=options)
 
 
-def _restore(manager, state, directory=None):
+def _restore_latest(manager, state, where: str):
+  """The latest checkpoint of `manager`, restored with `state`'s shapes and shardings."""
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {where}")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  if directory is not None:
-    other = ocp.CheckpointManager(pathlib.Path(directory).resolve())
-    step = other.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
-    return other.restore(step, args=ocp.args.StandardRestore(abstract))
-  return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
 def place_state(state, mesh, tx):
@@ -190,10 +190,11 @@ def train_and_evaluate(config, workdir) -> dict:
 
   manager = _checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
-    state = _restore(manager, state)
+    state = _restore_latest(manager, state, str(workdir))
     logging.info("resumed from step %d", int(state.step))
   elif config.init.stage1_checkpoint:
-    restored = _restore(None, state, config.init.stage1_checkpoint)
+    source = ocp.CheckpointManager(pathlib.Path(config.init.stage1_checkpoint).resolve())
+    restored = _restore_latest(source, state, config.init.stage1_checkpoint)
     state = state.replace(params=restored.params, rest=restored.rest)
     logging.info("parameters initialised from %s", config.init.stage1_checkpoint)
   start = int(state.step)
