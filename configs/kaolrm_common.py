@@ -64,9 +64,15 @@ def base_config():
   config.optim.clip = 1.0
 
   config.loss = ml_collections.ConfigDict()
-  # {term: weight} replacing the paper's table (kaojax.losses.STAGE_WEIGHTS). The
-  # perceptual term needs VGG weights kaojax cannot load yet, so it is off.
-  config.loss.weights_override = ml_collections.ConfigDict({"lpips": 0.0})
+  # {term: weight} replacing the paper's table (kaojax.losses.STAGE_WEIGHTS); None
+  # keeps the table's weight.
+  config.loss.weights_override = ml_collections.ConfigDict(
+      {"lpips": ml_collections.FieldReference(None, field_type=float)})
+  # The perceptual (LPIPS-VGG) term's network, converted from torchvision's vgg16 and
+  # lpips' vgg.pth: python -m kaojax.convert.vgg --vgg ... --lin ... --out DIR. A run
+  # whose lpips weight is not 0 refuses to start without it; weights_override.lpips=0
+  # turns the term off.
+  config.loss.lpips_weights = ""
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1             # -1: all devices not used by fsdp
@@ -105,4 +111,7 @@ def tiny_overrides(config, stage1_steps: int, stage2_steps: int):
   config.checkpoint_every = 50
   config.eval.max_subjects = 4
   config.eval.num_source_views = 2
+  # No VGG weights ship with kaojax: the CPU presets run without the perceptual term
+  # (give --config.loss.lpips_weights=DIR --config.loss.weights_override.lpips=0.5).
+  config.loss.weights_override.lpips = 0.0
   return config

@@ -21,7 +21,8 @@ STAGE_WEIGHTS = types.MappingProxyType({
 
 
 def stage_weights(stage: int, multiview: bool = True, overrides=None) -> dict:
-  """The weight table of `stage` (1 or 2), with optional {term: weight} overrides."""
+  """The weight table of `stage` (1 or 2), with optional {term: weight} overrides
+  (an override of None keeps the table's weight)."""
   if stage == 1:
     weights = dict(STAGE_WEIGHTS["stage1"])
   elif stage == 2:
@@ -31,6 +32,8 @@ def stage_weights(stage: int, multiview: bool = True, overrides=None) -> dict:
   for term, value in dict(overrides or {}).items():
     if term not in weights:
       raise ValueError(f"unknown loss term {term!r} (known: {', '.join(weights)})")
+    if value is None:
+      continue
     weights[term] = float(value)
   return weights
 

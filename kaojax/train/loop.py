@@ -30,7 +30,7 @@ from kaojax.models.lrm import with_runtime_options
 from kaojax.train import evaluate as evaluation
 from kaojax.train.metrics import MetricWriter
 from kaojax.train.optimizer import make_optimizer
-from kaojax.train.step import create_state, make_train_step
+from kaojax.train.step import create_state, make_train_step, missing_perceptual_error
 from kaojax.train.visualize import save_grid
 
 SYNTHETIC_DONE = "COMPLETE"
@@ -136,14 +136,55 @@ def place_state(state, mesh, tx):
 
 
 def compile_step(graphdef, tx, state, mesh, weights: dict, synth_focal: float,
-                 capacities=(None, None)):
-  """The jitted train step for `state`'s shardings and batches split over `mesh`."""
+                 capacities=(None, None), perceptual=None):
+  """The jitted train step (state, batch, key) -> (state, metrics) for `state`'s
+  shardings and batches split over `mesh`. perceptual: the LPIPS network when the
+  "lpips" weight is not 0 (its parameters are replicated and passed as an argument)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  fn = make_train_step(graphdef, tx, weights, synth_focal, capacities)
-  return jax.jit(fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                                   replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  fn = make_train_step(graphdef, tx, weights, synth_focal, capacities, perceptual)
+  if not weights.get("lpips"):
+    return jax.jit(fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                                     replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+  perceptual_state = jax.device_put(nnx.state(perceptual), replicated)
+  jitted = jax.jit(fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
+                                     replicated, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return lambda state, batch, key: jitted(state, batch, key, perceptual_state)
+
+
+def stages_to_run(config) -> tuple:
+  """The stages (1, 2) a run of `config` can reach, from the config alone (before any
+  data is read): decided exactly when the total and the stage switch are both given
+  in steps or both in epochs, else both stages."""
+  total_steps = config.total_steps if config.total_steps > 0 else None
+  stage1_steps = config.stage1_steps if config.stage1_steps >= 0 else None
+  if total_steps is not None and stage1_steps is not None:
+    total, stage1 = total_steps, stage1_steps
+  elif total_steps is None and stage1_steps is None:
+    total, stage1 = config.num_epochs, config.stage1_epochs
+  else:
+    return (1, 2)
+  return tuple(s for s, reached in ((1, stage1 > 0), (2, total > stage1)) if reached)
+
+
+def build_perceptual(config, weights: dict):
+  """The LPIPS network of `config.loss.lpips_weights` when a stage that runs gives the
+  perceptual term a weight, else None. Fails (before anything slow starts) when the
+  weight is set but the weights are not."""
+  weight = max(weights[s].get("lpips", 0.0) for s in stages_to_run(config))
+  path = config.loss.lpips_weights
+  if not weight:
+    if path:
+      logging.warning("%s is set but the lpips loss weight is 0 in every stage that runs "
+                      "(config.loss.weights_override.lpips): the term is off", path)
+    return None
+  if not path:
+    raise missing_perceptual_error(weight)
+  from kaojax.convert.vgg import load_lpips  # pylint: disable=import-outside-toplevel
+  logging.info("perceptual loss: LPIPS-VGG from %s", path)
+  return load_lpips(path)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -167,6 +208,10 @@ def train_and_evaluate(config, workdir) -> dict:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                      f"{num_devices} devices of the mesh")
   host_batch = config.batch_size // jax.process_count()
+  multiview = config.data.kind == "multiview"
+  weights = {stage: losses.stage_weights(stage, multiview, config.loss.weights_override)
+             for stage in (1, 2)}
+  perceptual = build_perceptual(config, weights)
 
   flame = build_flame(config)
   model = build_model(config, flame)
@@ -200,10 +245,9 @@ def train_and_evaluate(config, workdir) -> dict:
   start = int(state.step)
 
   data_sharding = sharding.batch_sharding(mesh)
-  multiview = config.data.kind == "multiview"
   capacities = (config.render.surfel_tile_capacity, config.render.mesh_tile_capacity)
-  steps = {stage: compile_step(graphdef, tx, state, mesh, losses.stage_weights(
-      stage, multiview, config.loss.weights_override), config.synth_focal, capacities)
+  steps = {stage: compile_step(graphdef, tx, state, mesh, weights[stage], config.synth_focal,
+                               capacities, perceptual)
            for stage in (1, 2)}
   eval_step = jax.jit(evaluation.make_eval_step(graphdef, config.synth_focal, capacities))
   eval_set = None

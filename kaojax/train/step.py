@@ -56,15 +56,19 @@ def forward_and_render(model, batch, key, synth_focal: float, mesh: bool = True,
 MESH_TERMS = ("pixel", "depth_binding", "normal_binding")
 
 
-def loss_terms(model, out, renders, batch, terms) -> dict:
+def loss_terms(model, out, renders, batch, terms, perceptual=None) -> dict:
   """The loss terms named in `terms` (see kaojax.losses); renders must hold the mesh
-  renders when a MESH_TERMS term is asked for."""
+  renders when a MESH_TERMS term is asked for, and `perceptual` (an LPIPS network,
+  kaojax.losses.perceptual) must be given for "lpips"."""
   surfels, mesh = renders.get("surfels"), renders.get("mesh")
+  if "lpips" in terms and perceptual is None:
+    raise ValueError("the lpips term needs an LPIPS network (perceptual=...)")
   pick = {
       "pixel": lambda: losses.masked_pixel_mse(
           surfels["color"], batch["target_rgb"],
           model.flame_model.face_mask[mesh["face_id"]] & mesh["mask"]),
       "dssim": lambda: losses.dssim(surfels["color"], batch["target_rgb"]),
+      "lpips": lambda: losses.lpips_loss(perceptual, surfels["color"], batch["target_rgb"]),
       "landmark": lambda: losses.landmark_loss(
           project_landmarks(out.landmarks, batch["viewmats"], batch["Ks"]),
           batch["landmarks"]),
@@ -82,32 +86,54 @@ def loss_terms(model, out, renders, batch, terms) -> dict:
   return {t: pick[t]() for t in terms}
 
 
+LPIPS_WEIGHTS_FIELD = "config.loss.lpips_weights"
+
+
+def missing_perceptual_error(weight) -> ValueError:
+  return ValueError(
+      f"the perceptual (LPIPS) loss has weight {weight} but no LPIPS-VGG weights were "
+      f"given: convert torchvision's vgg16 and lpips' vgg.pth with `python -m "
+      f"kaojax.convert.vgg --vgg ... --lin ... --out DIR` and set {LPIPS_WEIGHTS_FIELD}=DIR, "
+      f"or turn the term off with config.loss.weights_override.lpips=0")
+
+
 def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
-                    capacities=(None, None)):
-  """A jit-able (state, batch, key) -> (state, metrics) for one loss-weight table.
-  metrics: every active loss term, `loss`, `grad_norm` and `render_overflow` (mean
-  number of (tile, primitive) pairs per view the renderers dropped; raise
-  the capacities when it is not 0)."""
+                    capacities=(None, None), perceptual=None):
+  """A jit-able (state, batch, key[, perceptual_state]) -> (state, metrics) for one
+  loss-weight table. metrics: every active loss term, `loss`, `grad_norm` and
+  `render_overflow` (mean number of (tile, primitive) pairs per view the renderers
+  dropped; raise the capacities when it is not 0).
+
+  perceptual: the LPIPS network (kaojax.convert.vgg.load_lpips), required when the
+  "lpips" weight is not 0; its parameters are never trained. Pass its
+  `nnx.state(perceptual)` as the 4th argument to keep them out of the compiled
+  program's constants (without it they are baked in)."""
   weights = dict(weights)
-  if weights.get("lpips"):
-    raise ValueError("the perceptual (LPIPS) term needs converted VGG weights, which "
-                     "this build does not implement; set its weight to 0 "
-                     "(config.loss.weights_override.lpips = 0)")
+  if weights.get("lpips") and perceptual is None:
+    raise missing_perceptual_error(weights["lpips"])
 
   active = {t: w for t, w in weights.items() if w}
   need_mesh = any(t in MESH_TERMS for t in active)
+  use_perceptual = "lpips" in active
+  if use_perceptual:
+    perceptual_graph, perceptual_default = nnx.split(perceptual)
 
-  def loss_fn(params, rest, batch, key):
+  def loss_fn(params, rest, batch, key, perceptual_state):
     model = nnx.merge(graphdef, params, rest)
     out, renders = forward_and_render(model, batch, key, synth_focal, mesh=need_mesh,
                                       capacities=capacities)
-    terms = loss_terms(model, out, renders, batch, active)
+    net = (nnx.merge(perceptual_graph, jax.lax.stop_gradient(perceptual_state))
+           if use_perceptual else None)
+    terms = loss_terms(model, out, renders, batch, active, net)
     overflow = sum(jnp.mean(r["overflow"].astype(jnp.float32)) for r in renders.values())
     return losses.weighted_total(terms, active), dict(terms, render_overflow=overflow)
 
-  def train_step(state: TrainState, batch, key):
+  def train_step(state: TrainState, batch, key, perceptual_state=None):
+    if use_perceptual and perceptual_state is None:
+      perceptual_state = perceptual_default
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (total, terms), grads = grad_fn(state.params, state.rest, batch, key)
+    (total, terms), grads = grad_fn(state.params, state.rest, batch, key,
+                                    perceptual_state if use_perceptual else None)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(terms, loss=total, grad_norm=optax.tree.norm(grads))
