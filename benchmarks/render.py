@@ -1,22 +1,27 @@
-"""Surfel (2DGS) renderer: tiled compositor vs the dense compositor, same run.
+"""Native rasterizers vs the pure-JAX reference (and the dense compositor), same run.
 
-    python benchmarks/render.py [--quick] [--capacity 512]
+    python benchmarks/render.py [--quick] [--capacity 1024] [--dense]
 
 Scene: surfels bound to the synthetic FLAME head (area-weighted surface samples,
-as KaoLRM), 16 views around the face. Default size: 8,000 surfels, 192x192, 16
-views; --quick: 600 surfels, 48x48, 2 views.
+as KaoLRM), 16 views around the face; the head mesh itself for the mesh
+rasterizer. Default size: 8,000 surfels, 192x192, 16 views; --quick: 600
+surfels, 48x48, 2 views.
 
-- tiled: `rasterize_surfels` (16x16 tiles, per-tile capacity, top-K by depth).
-- dense: the same compositing math with ONE tile covering the whole image and
-  capacity N, i.e. every surfel evaluated at every pixel in depth order (scanned
-  in blocks of 128 so it fits in memory at all).
-The dense compositor is slow on a CPU: by default it renders 1 of the 16 views
-and its times are scaled to 16 (flagged in the JSON); --dense-views 16 measures
-all. Both are jitted; forward = colour/alpha/depth/normal, backward = gradient of a
-weighted sum of all four w.r.t. every Gaussian parameter. Times are the best of
---repeats runs of the AOT-compiled function (compile time reported apart); memory is XLA's compiled buffer estimate (arguments + outputs +
-temporaries) and, on a GPU, the device's peak bytes in use.
-The last stdout line is one JSON object.
+- native: `rasterize_surfels(..., backend="native")` / `rasterize_mesh(...,
+  backend="native")`, the C++ (CPU) or CUDA kernels through XLA FFI.
+- reference: the same calls with backend="reference" (pure JAX, 16x16 tiles,
+  per-tile capacity, top-K by depth).
+- dense (--dense): the reference compositing math with ONE tile covering the
+  whole image and capacity N, every surfel at every pixel in depth order; slow
+  on a CPU, so it renders 1 of the 16 views and its times are scaled to 16
+  (flagged in the JSON); --dense-views 16 measures all.
+All are jitted; forward = colour/alpha/depth/normal (mesh: depth/normal/mask),
+backward = gradient of a weighted sum of all outputs w.r.t. every Gaussian
+parameter (mesh: the vertices). Times are the best of --repeats runs of the
+AOT-compiled function (compile time reported apart); memory is XLA's compiled
+buffer estimate (arguments + outputs + temporaries) and, on a GPU, the device's
+peak bytes in use. The last stdout line is one JSON object; its key
+`native_over_reference` is the surfel forward+backward speedup.
 """
 
 import argparse
@@ -28,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kaojax.render.demo import head_cameras, head_vertices, surfels_on_surface
-from kaojax.render.surfel import rasterize_surfels
+from kaojax.render import rasterize_mesh, rasterize_surfels
 
 
 def _compile_and_time(fn, args, repeats):
@@ -54,21 +59,9 @@ def _device_peak():
   return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-  parser.add_argument("--capacity", type=int, default=None, help="tiled per-tile capacity")
-  parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--dense-views", type=int, default=None,
-                      help="views rendered by the dense compositor (default: all in --quick, "
-                           "1 otherwise; its times are scaled linearly to all views and "
-                           "marked as such - views are independent, so work is linear)")
-  args = parser.parse_args()
-  num, size, views = (600, 48, 2) if args.quick else (8000, 192, 16)
-  capacity = args.capacity or 1024
-  repeats = args.repeats or 1
-  dense_views = min(views, args.dense_views or (views if args.quick else 1))
-
+def head_scene(num: int, size: int, views: int):
+  """The benchmark scene: FLAME-head vertices/faces, `num` surfels on its surface,
+  `views` cameras at size x size, and fixed random output weights for the losses."""
   vertices, faces = head_vertices()
   mean_edge = float(jnp.mean(jnp.linalg.norm(vertices[faces[:, 0]] - vertices[faces[:, 1]], axis=-1)))
   gaussians = surfels_on_surface(jax.random.key(0), vertices, faces, num,
@@ -76,17 +69,58 @@ def main():
   viewmats, Ks = head_cameras(vertices, size, views)
   # a tighter framing than the demo: the head fills most of the image, as in KaoLRM
   Ks = Ks.at[:, :2, :2].multiply(1.6)
-  background = jnp.zeros(3)
   rng = np.random.default_rng(0)
   weights = {k: jnp.asarray(rng.uniform(size=(views, size, size) + s), jnp.float32)
              for k, s in (("color", (3,)), ("alpha", ()), ("depth", ()), ("normal", (3,)))}
+  return vertices, faces, gaussians, viewmats, Ks, weights
 
-  configs = {
-      "tiled": (views, dict(tile_size=16, tile_capacity=capacity, block_size=16)),
-      "dense": (dense_views, dict(tile_size=size, tile_capacity=num, block_size=128)),
+
+def _mib(b):
+  return None if b is None else round(b / 2**20, 1)
+
+
+def _measure(name, forward, loss, args, repeats):
+  fwd_s, fwd_compile_s, fwd_bytes, out = _compile_and_time(forward, args, repeats)
+  bwd_s, bwd_compile_s, bwd_bytes, _ = _compile_and_time(jax.value_and_grad(loss), args, repeats)
+  res = {"fwd_s": fwd_s, "fwd_bwd_s": bwd_s, "fwd_mib": _mib(fwd_bytes),
+         "fwd_bwd_mib": _mib(bwd_bytes), "compile_s": fwd_compile_s + bwd_compile_s,
+         "device_peak_mib": _mib(_device_peak()),
+         "overflow": int(np.sum(out["overflow"])),
+         "max_tile_count": int(np.max(out["max_tile_count"]))}
+  print(f"{name:16s} fwd {fwd_s:8.4f} s  fwd+bwd {bwd_s:8.4f} s  mem fwd {res['fwd_mib']} MiB  "
+        f"fwd+bwd {res['fwd_bwd_mib']} MiB  compile {res['compile_s']:.1f} s  "
+        f"max tile count {res['max_tile_count']}  overflow {res['overflow']}", flush=True)
+  return res, out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+  parser.add_argument("--capacity", type=int, default=None, help="per-tile capacity")
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--dense", action="store_true", help="also time the dense compositor")
+  parser.add_argument("--dense-views", type=int, default=None,
+                      help="views rendered by the dense compositor (default: all in --quick, "
+                           "1 otherwise; its times are scaled linearly to all views)")
+  args = parser.parse_args()
+  num, size, views = (600, 48, 2) if args.quick else (8000, 192, 16)
+  capacity = args.capacity or 1024
+  repeats = args.repeats or 3
+  dense_views = min(views, args.dense_views or (views if args.quick else 1))
+
+  vertices, faces, gaussians, viewmats, Ks, weights = head_scene(num, size, views)
+  background = jnp.zeros(3)
+
+  surfel_configs = {
+      "native": (views, dict(tile_size=16, tile_capacity=capacity, backend="native")),
+      "reference": (views, dict(tile_size=16, tile_capacity=capacity, block_size=16,
+                                backend="reference")),
   }
-  results = {}
-  for name, (nv, cfg) in configs.items():
+  if args.dense:
+    surfel_configs["dense"] = (dense_views, dict(tile_size=size, tile_capacity=num,
+                                                 block_size=128, backend="reference"))
+  surfels, outs = {}, {}
+  for name, (nv, cfg) in surfel_configs.items():
     def forward(g, cfg=cfg, nv=nv):
       return rasterize_surfels(g, viewmats[:nv], Ks[:nv], size, size, background, **cfg)
 
@@ -94,55 +128,47 @@ def main():
       out = rasterize_surfels(g, viewmats[:nv], Ks[:nv], size, size, background, **cfg)
       return sum(jnp.sum(weights[k][:nv] * out[k]) for k in weights)
 
-    fwd_s, fwd_compile_s, fwd_bytes, out = _compile_and_time(forward, (gaussians,), repeats)
-    bwd_s, bwd_compile_s, bwd_bytes, _ = _compile_and_time(jax.value_and_grad(loss),
-                                                           (gaussians,), repeats)
-    res = {
-        "fwd_s": fwd_s, "fwd_bwd_s": bwd_s, "fwd_bytes": fwd_bytes, "fwd_bwd_bytes": bwd_bytes,
-        "compile_s": fwd_compile_s + bwd_compile_s,
-        "device_peak_bytes": _device_peak(),
-        "overflow_per_view": np.asarray(out["overflow"]).tolist(),
-        "max_tile_count": int(np.max(out["max_tile_count"])),
-        "views_measured": nv,
-    }
-    scale = views / nv
-    res["fwd_s_all_views"] = res["fwd_s"] * scale
-    res["fwd_bwd_s_all_views"] = res["fwd_bwd_s"] * scale
-    results[name] = (res, out)
-    mb = lambda b: "n/a" if b is None else f"{b / 2**20:9.1f} MiB"
-    print(f"{name:6s} ({nv} views) fwd {res['fwd_s']:8.3f} s  fwd+bwd {res['fwd_bwd_s']:8.3f} s  "
-          f"mem fwd {mb(res['fwd_bytes'])}  fwd+bwd {mb(res['fwd_bwd_bytes'])}  "
-          f"max tile count {res['max_tile_count']}  overflow {sum(res['overflow_per_view'])}",
-          flush=True)
+    res, outs[name] = _measure(f"surfels {name}", forward, loss, (gaussians,), repeats)
+    res["views_measured"] = nv
+    surfels[name] = res
 
-  tiled, tiled_out = results["tiled"]
-  dense, dense_out = results["dense"]
-  diff = float(jnp.max(jnp.abs(tiled_out["color"][:dense_views] - dense_out["color"])))
-  print(f"max |colour tiled - dense| = {diff:.2e} (nonzero only where tiles overflowed)")
+  mesh_weights = {k: weights[k] for k in ("depth", "normal")}
+  meshes = {}
+  for name in ("native", "reference"):
+    def mesh_forward(v, name=name):
+      return rasterize_mesh(v, faces, viewmats, Ks, size, size, tile_capacity=capacity,
+                            backend=name)
+
+    def mesh_loss(v, name=name):
+      out = mesh_forward(v)
+      return sum(jnp.sum(w * out[k]) for k, w in mesh_weights.items())
+
+    meshes[name], _ = _measure(f"mesh {name}", mesh_forward, mesh_loss, (vertices,), repeats)
+
+  err = jnp.max(jnp.abs(outs["native"]["color"] - outs["reference"]["color"]), -1)
+  diff, off = float(jnp.max(err)), float(jnp.mean(err > 1e-4))
+  # a few pixels may differ where a splat's alpha sits at the 1/255 cut or the
+  # transmittance at the 1e-4 stop: there float32 rounding decides
+  print(f"max |colour native - reference| = {diff:.2e}; pixels off by > 1e-4: {off:.2e}")
+  ratio = lambda a, b, key: round(a[key] / b[key], 2)
   summary = {
-      "benchmark": "render_surfels",
+      "benchmark": "render",
       "device": str(jax.devices()[0].platform),
       "surfels": num, "size": size, "views": views, "tile_capacity": capacity,
-      "dense_views_measured": dense_views,
-      "tiled_fwd_s": round(tiled["fwd_s"], 4),
-      "dense_fwd_s": round(dense["fwd_s_all_views"], 4),
-      "tiled_fwd_bwd_s": round(tiled["fwd_bwd_s"], 4),
-      "dense_fwd_bwd_s": round(dense["fwd_bwd_s_all_views"], 4),
-      "dense_times_scaled_from_fewer_views": dense_views < views,
-      "speedup_fwd": round(dense["fwd_s_all_views"] / tiled["fwd_s"], 3),
-      "speedup_fwd_bwd": round(dense["fwd_bwd_s_all_views"] / tiled["fwd_bwd_s"], 3),
-      "tiled_fwd_mib": None if tiled["fwd_bytes"] is None else round(tiled["fwd_bytes"] / 2**20, 1),
-      "dense_fwd_mib_measured_views": None if dense["fwd_bytes"] is None else round(dense["fwd_bytes"] / 2**20, 1),
-      "tiled_fwd_bwd_mib": (None if tiled["fwd_bwd_bytes"] is None
-                            else round(tiled["fwd_bwd_bytes"] / 2**20, 1)),
-      "dense_fwd_bwd_mib_measured_views": (None if dense["fwd_bwd_bytes"] is None
-                            else round(dense["fwd_bwd_bytes"] / 2**20, 1)),
-      "tiled_compile_s": round(tiled["compile_s"], 2),
-      "dense_compile_s": round(dense["compile_s"], 2),
-      "tiled_overflow": int(sum(tiled["overflow_per_view"])),
-      "tiled_max_tile_count": tiled["max_tile_count"],
+      "surfel": surfels, "mesh": meshes,
+      "native_over_reference": ratio(surfels["reference"], surfels["native"], "fwd_bwd_s"),
+      "native_over_reference_fwd": ratio(surfels["reference"], surfels["native"], "fwd_s"),
+      "mesh_native_over_reference": ratio(meshes["reference"], meshes["native"], "fwd_bwd_s"),
+      "mesh_native_over_reference_fwd": ratio(meshes["reference"], meshes["native"], "fwd_s"),
       "max_abs_color_diff": diff,
+      "fraction_pixels_color_diff_over_1e-4": off,
   }
+  if args.dense:
+    dense = surfels["dense"]
+    scale = views / dense["views_measured"]
+    summary["dense_times_scaled_from_fewer_views"] = dense["views_measured"] < views
+    summary["native_over_dense"] = round(dense["fwd_bwd_s"] * scale / surfels["native"]["fwd_bwd_s"], 2)
+    summary["reference_over_dense"] = round(dense["fwd_bwd_s"] * scale / surfels["reference"]["fwd_bwd_s"], 2)
   print(json.dumps(summary))
 
 

@@ -43,6 +43,9 @@ def base_config():
   config.synth_focal = 0.75         # normalised focal of the render cameras
 
   config.render = ml_collections.ConfigDict()
+  # Rasterizers: "auto" (native C++/CUDA kernels where built, else pure JAX),
+  # "native" (fail if not built) or "reference" (pure JAX).
+  config.render.backend = "auto"
   # Primitives kept per 16-px screen tile; the metric `render_overflow` counts what
   # was dropped. None: the renderers' default.
   config.render.surfel_tile_capacity = ml_collections.FieldReference(None, field_type=int)

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from kaojax.geometry.rotations import quat_to_matrix
-from kaojax.render import tiles, views
+from kaojax.render import native, tiles, views
+from kaojax.render.native import ops as native_ops
 from kaojax.render.gaussians import Gaussians
 
 EPS2D = 0.3
@@ -84,28 +85,37 @@ def gaussian_alpha(prim, pixels):
 
 
 def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, background, *,
-                     grid, eps2d, near_plane, far_plane, capacity, block_size):
+                     grid, eps2d, near_plane, far_plane, capacity, block_size, backend):
   proj = project_gaussians(means, quats, scales, viewmat, K, grid.width, grid.height,
                            eps2d, near_plane, far_plane)
   tmin, tmax, active = tiles.gaussian_tile_rect(grid, proj["means2d"], proj["radii"])
-  bins = tiles.bin_to_tiles(grid, tmin, tmax, active, proj["depths"], capacity)
-  prim = dict(means2d=proj["means2d"], conics=proj["conics"], opacities=opacities,
-              colors=colors, depths=proj["depths"])
-  feats, trans = tiles.composite_tiles(grid, bins, prim, gaussian_alpha, 4, block_size)
+  if backend == "native":
+    prims = jnp.concatenate([proj["means2d"], proj["conics"], opacities[:, None], colors,
+                             proj["depths"][:, None]], -1)
+    feats, trans, counts = native_ops.composite(
+        "gaussian", grid, capacity, prims.astype(jnp.float32), proj["depths"],
+        tiles.tile_rects(tmin, tmax, active))
+    overflow = jnp.sum(jnp.maximum(counts - capacity, 0))
+  else:
+    bins = tiles.bin_to_tiles(grid, tmin, tmax, active, proj["depths"], capacity)
+    prim = dict(means2d=proj["means2d"], conics=proj["conics"], opacities=opacities,
+                colors=colors, depths=proj["depths"])
+    feats, trans = tiles.composite_tiles(grid, bins, prim, gaussian_alpha, 4, block_size)
+    counts, overflow = bins.counts, bins.overflow
   alpha = 1.0 - trans
   color = feats[..., :3] + trans[..., None] * background
   depth = jnp.where(alpha > 0, feats[..., 3] / jnp.where(alpha > 0, alpha, 1.0), 0.0)
-  return dict(color=color, alpha=alpha, depth=depth, overflow=bins.overflow,
-              max_tile_count=jnp.max(bins.counts))
+  return dict(color=color, alpha=alpha, depth=depth, overflow=overflow,
+              max_tile_count=jnp.max(counts))
 
 
 @functools.partial(jax.jit, static_argnames=("width", "height", "eps2d", "near_plane",
                                              "far_plane", "tile_size", "tile_capacity",
-                                             "block_size"))
+                                             "block_size", "backend"))
 def rasterize_gaussians(gaussians: Gaussians, viewmats, Ks, width: int, height: int,
                         background=None, *, eps2d: float = EPS2D, near_plane: float = 0.01,
                         far_plane: float = 1e10, tile_size: int = 16, tile_capacity: int = 1024,
-                        block_size: int = 16):
+                        block_size: int = 16, backend: str | None = None):
   """Render 3D Gaussians (EWA splatting, SH degree 0 colours).
 
   gaussians: `Gaussians` [g..., N, *]; viewmats [c..., 4, 4] world-to-camera
@@ -113,10 +123,10 @@ def rasterize_gaussians(gaussians: Gaussians, viewmats, Ks, width: int, height: 
   are aligned from the left (see `rasterize_surfels`).
   Returns dict: color [..., H, W, 3], alpha [..., H, W], depth [..., H, W]
   (expected centre depth, divided by alpha, 0 where alpha == 0), overflow [...]
-  and max_tile_count [...] (see `rasterize_surfels`).
+  and max_tile_count [...] (see `rasterize_surfels`, also for `backend`).
   """
   grid = tiles.TileGrid(width, height, tile_size)
   return views.render_gaussian_views(
       _render_one_view, gaussians, viewmats, Ks, background, grid=grid, eps2d=eps2d,
       near_plane=near_plane, far_plane=far_plane, capacity=tile_capacity,
-      block_size=block_size)
+      block_size=block_size, backend=native.resolve(backend, jnp.asarray(gaussians.means).dtype))

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from kaojax.geometry.mesh import vertex_normals
-from kaojax.render import tiles, views
+from kaojax.render import native, tiles, views
+from kaojax.render.native import ops as native_ops
 
 
 def project_vertices(vertices, viewmat, K):
@@ -58,9 +59,9 @@ def perspective_correct(bary, tri_z):
   return w / safe[..., None], 1.0 / safe
 
 
-def _visibility(grid, tri_pix, tri_z, active, capacity, block_size):
-  """Nearest face per pixel. tri_pix [F, 3, 2], tri_z [F, 3], active [F].
-  Returns face_id [H, W] int32 (-1 = background) and the tile bins."""
+def _face_tiles(grid, tri_pix, tri_z, active):
+  """Tile rectangles of faces (tile_min, tile_max [F, 2], max exclusive), their
+  sort keys (nearest corner) and which are active (finite, in front)."""
   ts = grid.tile_size
   lo = jnp.min(tri_pix, axis=1)
   hi = jnp.max(tri_pix, axis=1)
@@ -70,8 +71,24 @@ def _visibility(grid, tri_pix, tri_z, active, capacity, block_size):
   hi = jnp.where(finite[:, None], hi, 0.0)
   tile_min = jnp.clip(jnp.floor((lo - 0.5) / ts), 0, limit).astype(jnp.int32)
   tile_max = jnp.clip(jnp.floor((hi - 0.5) / ts) + 1, 0, limit).astype(jnp.int32)
-  bins = tiles.bin_to_tiles(grid, tile_min, tile_max, active & finite, jnp.min(tri_z, -1),
-                            capacity)
+  return tile_min, tile_max, jnp.min(tri_z, -1), active & finite
+
+
+def _visibility_native(grid, tri_pix, tri_z, active, capacity):
+  """Nearest face per pixel with the native kernel: face_id [H, W], counts."""
+  tile_min, tile_max, keys, active = _face_tiles(grid, tri_pix, tri_z, active)
+  tris = jnp.concatenate([tri_pix, tri_z[..., None]], -1).reshape(-1, 9)
+  face_id, counts = native_ops.mesh_visibility(
+      grid, capacity, tris.astype(jnp.float32), keys.astype(jnp.float32),
+      tiles.tile_rects(tile_min, tile_max, active))
+  return face_id, counts
+
+
+def _visibility(grid, tri_pix, tri_z, active, capacity, block_size):
+  """Nearest face per pixel. tri_pix [F, 3, 2], tri_z [F, 3], active [F].
+  Returns face_id [H, W] int32 (-1 = background) and counts [num_tiles]."""
+  tile_min, tile_max, keys, active = _face_tiles(grid, tri_pix, tri_z, active)
+  bins = tiles.bin_to_tiles(grid, tile_min, tile_max, active, keys, capacity)
   num_tiles, cap = bins.ids.shape
   block = max(1, min(block_size, cap))
   nb = -(-cap // block)
@@ -98,17 +115,21 @@ def _visibility(grid, tri_pix, tri_z, active, capacity, block_size):
   init = (jnp.full((num_tiles, grid.pixels_per_tile), jnp.inf, tri_z.dtype),
           jnp.full((num_tiles, grid.pixels_per_tile), -1, jnp.int32))
   (_, fid), _ = jax.lax.scan(step, init, (ids, valid))
-  return grid.untile(fid), bins
+  return grid.untile(fid), bins.counts
 
 
 def _rasterize_one_view(vertices, normals, viewmat, K, *, faces, grid, near_plane, capacity,
-                        block_size):
+                        block_size, backend):
   cam, pix = project_vertices(vertices, viewmat, K)
   tri_pix = pix[faces]                                            # [F, 3, 2]
   tri_z = cam[faces][..., 2]                                      # [F, 3]
   active = jnp.all(tri_z > near_plane, -1)
-  face_id, bins = _visibility(grid, jax.lax.stop_gradient(tri_pix),
-                              jax.lax.stop_gradient(tri_z), active, capacity, block_size)
+  if backend == "native":
+    face_id, counts = _visibility_native(grid, jax.lax.stop_gradient(tri_pix),
+                                         jax.lax.stop_gradient(tri_z), active, capacity)
+  else:
+    face_id, counts = _visibility(grid, jax.lax.stop_gradient(tri_pix),
+                                  jax.lax.stop_gradient(tri_z), active, capacity, block_size)
   face_id = jax.lax.stop_gradient(face_id)
   mask = face_id >= 0
   fid = jnp.maximum(face_id, 0)
@@ -123,14 +144,16 @@ def _rasterize_one_view(vertices, normals, viewmat, K, *, faces, grid, near_plan
   n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
   zero = lambda a: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 2)), a, 0)
   return dict(depth=zero(depth), normal=zero(n), mask=mask, face_id=face_id, bary=zero(bary),
-              overflow=bins.overflow, max_tile_count=jnp.max(bins.counts))
+              overflow=jnp.sum(jnp.maximum(counts - capacity, 0)),
+              max_tile_count=jnp.max(counts))
 
 
 @functools.partial(jax.jit, static_argnames=("width", "height", "near_plane", "tile_size",
-                                             "tile_capacity", "block_size"))
+                                             "tile_capacity", "block_size", "backend"))
 def rasterize_mesh(vertices, faces, viewmats, Ks, width: int, height: int, *,
                    normals=None, near_plane: float = 0.01, tile_size: int = 16,
-                   tile_capacity: int = 1024, block_size: int = 32):
+                   tile_capacity: int = 1024, block_size: int = 32,
+                   backend: str | None = None):
   """Rasterize a triangle mesh.
 
   vertices: [v..., V, 3] world positions; faces: [F, 3] int (shared by the batch)
@@ -149,6 +172,9 @@ def rasterize_mesh(vertices, faces, viewmats, Ks, width: int, height: int, *,
     overflow, max_tile_count [...]  tile binning diagnostics (see tiles.py)
   Differentiable w.r.t. vertices, normals and cameras through the barycentrics
   (visibility held fixed).
+  backend: "native" / "reference" / "auto" / None (see `rasterize_surfels`):
+  the native kernel finds the visible face; barycentrics, depth and normals are
+  then recomputed in JAX on both paths, which is where the gradient flows.
   """
   vertices = jnp.asarray(vertices)
   dtype = vertices.dtype if jnp.issubdtype(vertices.dtype, jnp.floating) else jnp.float32
@@ -174,7 +200,8 @@ def rasterize_mesh(vertices, faces, viewmats, Ks, width: int, height: int, *,
   K = views.expand_left_aligned(Ks, batch, 2).reshape(-1, 3, 3)
   grid = tiles.TileGrid(width, height, tile_size)
   fn = functools.partial(_rasterize_one_view, faces=faces, grid=grid, near_plane=near_plane,
-                         capacity=tile_capacity, block_size=block_size)
+                         capacity=tile_capacity, block_size=block_size,
+                         backend=native.resolve(backend, dtype))
   out = jax.vmap(fn)(v, nrm, vm, K)
   return jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch) + a.shape[1:]), out)
 

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from kaojax.geometry.rotations import quat_to_matrix
-from kaojax.render import tiles, views
+from kaojax.render import native, tiles, views
+from kaojax.render.native import ops as native_ops
 from kaojax.render.gaussians import Gaussians
 
 FILTER_INV_SQUARE = 2.0
@@ -105,26 +106,37 @@ def surfel_alpha(prim, pixels):
 
 
 def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, background, *,
-                     grid, near_plane, far_plane, capacity, block_size):
+                     grid, near_plane, far_plane, capacity, block_size, backend):
   proj = project_surfels(means, quats, scales, viewmat, K, grid.width, grid.height,
                          near_plane, far_plane)
   tmin, tmax, active = tiles.gaussian_tile_rect(grid, proj["means2d"], proj["radii"])
-  bins = tiles.bin_to_tiles(grid, tmin, tmax, active, proj["depths"], capacity)
-  prim = dict(means2d=proj["means2d"], ray_transforms=proj["ray_transforms"],
-              opacities=opacities, colors=colors, normals=proj["normals"])
-  feats, trans = tiles.composite_tiles(grid, bins, prim, surfel_alpha, 7, block_size)
+  if backend == "native":
+    prims = jnp.concatenate([proj["means2d"], proj["ray_transforms"].reshape(-1, 9),
+                             opacities[:, None], colors, proj["normals"]], -1)
+    feats, trans, counts = native_ops.composite(
+        "surfel", grid, capacity, prims.astype(jnp.float32), proj["depths"],
+        tiles.tile_rects(tmin, tmax, active))
+    overflow = jnp.sum(jnp.maximum(counts - capacity, 0))
+  else:
+    bins = tiles.bin_to_tiles(grid, tmin, tmax, active, proj["depths"], capacity)
+    prim = dict(means2d=proj["means2d"], ray_transforms=proj["ray_transforms"],
+                opacities=opacities, colors=colors, normals=proj["normals"])
+    feats, trans = tiles.composite_tiles(grid, bins, prim, surfel_alpha, 7, block_size)
+    counts, overflow = bins.counts, bins.overflow
   alpha = 1.0 - trans
   color = feats[..., :3] + trans[..., None] * background
   depth = jnp.where(alpha > 0, feats[..., 3] / jnp.where(alpha > 0, alpha, 1.0), 0.0)
   return dict(color=color, alpha=alpha, depth=depth, normal=feats[..., 4:7],
-              overflow=bins.overflow, max_tile_count=jnp.max(bins.counts))
+              overflow=overflow, max_tile_count=jnp.max(counts))
 
 
 @functools.partial(jax.jit, static_argnames=("width", "height", "near_plane", "far_plane",
-                                             "tile_size", "tile_capacity", "block_size"))
+                                             "tile_size", "tile_capacity", "block_size",
+                                             "backend"))
 def rasterize_surfels(gaussians: Gaussians, viewmats, Ks, width: int, height: int,
                       background=None, *, near_plane: float = 0.01, far_plane: float = 1e10,
-                      tile_size: int = 16, tile_capacity: int = 1024, block_size: int = 16):
+                      tile_size: int = 16, tile_capacity: int = 1024, block_size: int = 16,
+                      backend: str | None = None):
   """Render 2D Gaussian surfels.
 
   gaussians: `Gaussians` with means [g..., N, 3] etc. (scales[..., 2] ignored)
@@ -147,9 +159,13 @@ def rasterize_surfels(gaussians: Gaussians, viewmats, Ks, width: int, height: in
   (raise tile_capacity when it is > 0; cost grows linearly with it, memory
   with tiles x N for the binning, never pixels x N). `block_size` surfels are
   composited per scan step (a checkpointed step: backward memory is one carry
-  per block).
+  per block; the pure-JAX path only).
+  backend: "native" (C++/CUDA kernels through XLA FFI), "reference" (pure
+  JAX), "auto" or None (the process default, see kaojax.render.native). Both
+  paths give the same images and gradients.
   """
   grid = tiles.TileGrid(width, height, tile_size)
   return views.render_gaussian_views(
       _render_one_view, gaussians, viewmats, Ks, background, grid=grid, near_plane=near_plane,
-      far_plane=far_plane, capacity=tile_capacity, block_size=block_size)
+      far_plane=far_plane, capacity=tile_capacity, block_size=block_size,
+      backend=native.resolve(backend, jnp.asarray(gaussians.means).dtype))

@@ -90,6 +90,13 @@ def gaussian_tile_rect(grid: TileGrid, means2d, radii):
   return tile_min, tile_max, active
 
 
+def tile_rects(tile_min, tile_max, active):
+  """[N, 4] int32 (x0, y0, x1, y1) rectangles for the native kernels; inactive
+  primitives get an empty one."""
+  rect = jnp.concatenate([tile_min, tile_max], -1).astype(jnp.int32)
+  return jnp.where(active[:, None], rect, 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class TileBins:
   """Per-tile primitive lists for one view.

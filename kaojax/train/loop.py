@@ -27,6 +27,7 @@ from kaojax.flame.io import load_flame
 from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.models.kaolrm import KaoLRM, kaolrm_config
 from kaojax.models.lrm import with_runtime_options
+from kaojax.render import native as render_native
 from kaojax.train import evaluate as evaluation
 from kaojax.train.metrics import MetricWriter
 from kaojax.train.optimizer import make_optimizer
@@ -202,6 +203,8 @@ def train_and_evaluate(config, workdir) -> dict:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if config.multihost:
     jax.distributed.initialize()
+  render_native.set_default_backend(config.render.get("backend", "auto"))
+  logging.info("renderers: %s", render_native.resolve())
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   num_devices = mesh.devices.size
   if config.batch_size % num_devices:

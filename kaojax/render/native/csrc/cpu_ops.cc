@@ -1,0 +1,269 @@
+// CPU backend of the native rasterizers: XLA FFI handlers, multithreaded over
+// (view, tile) pairs. Math in raster_math.h. No memory is allocated: tile lists,
+// per-slot gradients and outputs all live in buffers that XLA provides.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "raster_math.h"
+#include "tiling.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace kaojax {
+namespace {
+
+int num_threads() {
+  static const int n = [] {
+    if (const char* env = std::getenv("KAOJAX_NATIVE_THREADS")) {
+      const int v = std::atoi(env);
+      if (v > 0) return v;
+    }
+    const int hw = (int)std::thread::hardware_concurrency();
+    return hw > 0 ? hw : 1;
+  }();
+  return n;
+}
+
+// Runs fn(i) for i in [0, n) on up to num_threads() threads.
+template <typename Fn>
+void parallel_for(int64_t n, Fn fn) {
+  const int workers = (int)std::min<int64_t>(num_threads(), n);
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t i = next++; i < n; i = next++) fn(i);
+  };
+  std::thread threads[64];
+  const int spawned = std::min(workers, 64) - 1;
+  for (int w = 0; w < spawned; ++w) threads[w] = std::thread(work);
+  work();
+  for (int w = 0; w < spawned; ++w) threads[w].join();
+}
+
+// The `capacity` nearest primitives covering tile (tx, ty), nearest first, in
+// ids [capacity] (a bounded max-heap while scanning). Returns how many cover it.
+int32_t select_tile(const float* keys, const int32_t* rects, int64_t n, int tx, int ty,
+                    int32_t capacity, int32_t* ids) {
+  auto farther = [keys](int32_t a, int32_t b) { return nearer(keys, a, b); };
+  int32_t size = 0, count = 0;
+  for (int32_t i = 0; i < n; ++i) {
+    if (!covers(rects + 4 * (int64_t)i, tx, ty)) continue;
+    ++count;
+    if (size < capacity) {
+      ids[size++] = i;
+      std::push_heap(ids, ids + size, farther);
+    } else if (nearer(keys, i, ids[0])) {
+      std::pop_heap(ids, ids + size, farther);
+      ids[size - 1] = i;
+      std::push_heap(ids, ids + size, farther);
+    }
+  }
+  std::sort_heap(ids, ids + size, farther);
+  std::fill(ids + size, ids + capacity, -1);
+  return count;
+}
+
+template <typename Kind>
+ffi::Error CompositeForward(ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::F32> keys,
+                            ffi::Buffer<ffi::S32> rects, ffi::ResultBuffer<ffi::F32> feats,
+                            ffi::ResultBuffer<ffi::F32> trans, ffi::ResultBuffer<ffi::S32> ids,
+                            ffi::ResultBuffer<ffi::S32> counts,
+                            ffi::ResultBuffer<ffi::S32> last, int32_t width, int32_t height,
+                            int32_t tile_size) {
+  const Grid grid = make_grid(width, height, tile_size);
+  const int64_t n = dim_from_end(prims, 2);
+  const int64_t views = leading(prims, 2);
+  const int32_t capacity = (int32_t)dim_from_end(*ids, 1);
+  if (dim_from_end(prims, 1) != Kind::P) return invalid("primitive parameters have the wrong size");
+  if (leading(keys, 1) != views || dim_from_end(keys, 1) != n) return invalid("keys must be [..., N]");
+  if (leading(*ids, 2) != views || dim_from_end(*ids, 2) != grid.num_tiles())
+    return invalid("tile list buffer does not match the tile grid");
+  if (grid.tiles_x <= 0 || capacity <= 0) return invalid("bad tile size or capacity");
+  const float* p = prims.typed_data();
+  const float* k = keys.typed_data();
+  const int32_t* r = rects.typed_data();
+  float* out_f = feats->typed_data();
+  float* out_t = trans->typed_data();
+  int32_t* out_ids = ids->typed_data();
+  int32_t* out_counts = counts->typed_data();
+  int32_t* out_last = last->typed_data();
+  const int tiles = grid.num_tiles();
+  parallel_for(views * tiles, [&](int64_t vt) {
+    const int64_t v = vt / tiles;
+    const int t = (int)(vt % tiles);
+    const int tx = t % grid.tiles_x, ty = t / grid.tiles_x;
+    int32_t* list = out_ids + vt * capacity;
+    const int32_t count = select_tile(k + v * n, r + v * n * 4, n, tx, ty, capacity, list);
+    out_counts[vt] = count;
+    const int kept = std::min(count, capacity);
+    const float* pv = p + v * n * Kind::P;
+    for (int y = ty * tile_size; y < std::min((ty + 1) * tile_size, height); ++y) {
+      for (int x = tx * tile_size; x < std::min((tx + 1) * tile_size, width); ++x) {
+        const int64_t pix = v * grid.pixels() + (int64_t)y * width + x;
+        composite_pixel<Kind>(pv, list, kept, x + 0.5f, y + 0.5f, out_f + pix * Kind::F,
+                              out_t + pix, out_last + pix);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+template <typename Kind>
+ffi::Error CompositeBackward(ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::S32> ids,
+                             ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> last,
+                             ffi::Buffer<ffi::F32> trans, ffi::Buffer<ffi::F32> grad_feats,
+                             ffi::Buffer<ffi::F32> grad_trans,
+                             ffi::ResultBuffer<ffi::F32> grad_prims,
+                             ffi::ResultBuffer<ffi::F32> slot_grads, int32_t width,
+                             int32_t height, int32_t tile_size) {
+  const Grid grid = make_grid(width, height, tile_size);
+  const int64_t n = dim_from_end(prims, 2);
+  const int64_t views = leading(prims, 2);
+  const int32_t capacity = (int32_t)dim_from_end(ids, 1);
+  if (dim_from_end(prims, 1) != Kind::P) return invalid("primitive parameters have the wrong size");
+  if (leading(ids, 2) != views || dim_from_end(ids, 2) != grid.num_tiles())
+    return invalid("tile list buffer does not match the tile grid");
+  const float* p = prims.typed_data();
+  const int32_t* list_all = ids.typed_data();
+  const int32_t* cnt = counts.typed_data();
+  const int32_t* lst = last.typed_data();
+  const float* tr = trans.typed_data();
+  const float* gf = grad_feats.typed_data();
+  const float* gt = grad_trans.typed_data();
+  float* slots = slot_grads->typed_data();
+  float* out = grad_prims->typed_data();
+  const int tiles = grid.num_tiles();
+  parallel_for(views * tiles, [&](int64_t vt) {
+    const int64_t v = vt / tiles;
+    const int t = (int)(vt % tiles);
+    const int tx = t % grid.tiles_x, ty = t / grid.tiles_x;
+    const int32_t* list = list_all + vt * capacity;
+    float* slot = slots + vt * capacity * Kind::P;
+    std::memset(slot, 0, sizeof(float) * capacity * Kind::P);
+    const float* pv = p + v * n * Kind::P;
+    for (int y = ty * tile_size; y < std::min((ty + 1) * tile_size, height); ++y) {
+      for (int x = tx * tile_size; x < std::min((tx + 1) * tile_size, width); ++x) {
+        const int64_t pix = v * grid.pixels() + (int64_t)y * width + x;
+        composite_pixel_vjp<Kind>(pv, list, lst[pix], x + 0.5f, y + 0.5f, tr[pix],
+                                  gf + pix * Kind::F, gt[pix], [&](int j, const float* dp) {
+                                    for (int c = 0; c < Kind::P; ++c)
+                                      slot[j * Kind::P + c] += dp[c];
+                                  });
+      }
+    }
+  });
+  // Sum the slots of each view into its primitives, tile by tile (deterministic).
+  parallel_for(views, [&](int64_t v) {
+    float* gv = out + v * n * Kind::P;
+    std::memset(gv, 0, sizeof(float) * n * Kind::P);
+    for (int t = 0; t < tiles; ++t) {
+      const int64_t vt = v * tiles + t;
+      const int kept = std::min(cnt[vt], capacity);
+      for (int j = 0; j < kept; ++j) {
+        const float* s = slots + (vt * capacity + j) * Kind::P;
+        float* g = gv + (int64_t)list_all[vt * capacity + j] * Kind::P;
+        for (int c = 0; c < Kind::P; ++c) g[c] += s[c];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error MeshVisibility(ffi::Buffer<ffi::F32> tris, ffi::Buffer<ffi::F32> keys,
+                          ffi::Buffer<ffi::S32> rects, ffi::ResultBuffer<ffi::S32> face_id,
+                          ffi::ResultBuffer<ffi::S32> ids, ffi::ResultBuffer<ffi::S32> counts,
+                          int32_t width, int32_t height, int32_t tile_size) {
+  const Grid grid = make_grid(width, height, tile_size);
+  const int64_t n = dim_from_end(tris, 2);
+  const int64_t views = leading(tris, 2);
+  const int32_t capacity = (int32_t)dim_from_end(*ids, 1);
+  if (dim_from_end(tris, 1) != 9) return invalid("faces must be [..., F, 9]");
+  if (leading(*ids, 2) != views || dim_from_end(*ids, 2) != grid.num_tiles())
+    return invalid("tile list buffer does not match the tile grid");
+  if (grid.tiles_x <= 0 || capacity <= 0) return invalid("bad tile size or capacity");
+  const float* tr = tris.typed_data();
+  const float* k = keys.typed_data();
+  const int32_t* r = rects.typed_data();
+  int32_t* out_face = face_id->typed_data();
+  int32_t* out_ids = ids->typed_data();
+  int32_t* out_counts = counts->typed_data();
+  const int tiles = grid.num_tiles();
+  parallel_for(views * tiles, [&](int64_t vt) {
+    const int64_t v = vt / tiles;
+    const int t = (int)(vt % tiles);
+    const int tx = t % grid.tiles_x, ty = t / grid.tiles_x;
+    int32_t* list = out_ids + vt * capacity;
+    const int32_t count = select_tile(k + v * n, r + v * n * 4, n, tx, ty, capacity, list);
+    out_counts[vt] = count;
+    const int kept = std::min(count, capacity);
+    for (int y = ty * tile_size; y < std::min((ty + 1) * tile_size, height); ++y)
+      for (int x = tx * tile_size; x < std::min((tx + 1) * tile_size, width); ++x)
+        out_face[v * grid.pixels() + (int64_t)y * width + x] =
+            visible_face(tr + v * n * 9, list, kept, x + 0.5f, y + 0.5f);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace kaojax
+
+namespace ffi = xla::ffi;
+
+#define KAOJAX_FORWARD_BINDING                                                              \
+  ffi::Ffi::Bind()                                                                          \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
+      .Ret<ffi::Buffer<ffi::S32>>()                                                         \
+      .Ret<ffi::Buffer<ffi::S32>>()                                                         \
+      .Ret<ffi::Buffer<ffi::S32>>()                                                         \
+      .Attr<int32_t>("width")                                                               \
+      .Attr<int32_t>("height")                                                              \
+      .Attr<int32_t>("tile_size")
+
+#define KAOJAX_BACKWARD_BINDING                                                             \
+  ffi::Ffi::Bind()                                                                          \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
+      .Attr<int32_t>("width")                                                               \
+      .Attr<int32_t>("height")                                                              \
+      .Attr<int32_t>("tile_size")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_surfel_forward_cpu,
+                              kaojax::CompositeForward<kaojax::SurfelKind>,
+                              KAOJAX_FORWARD_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_surfel_backward_cpu,
+                              kaojax::CompositeBackward<kaojax::SurfelKind>,
+                              KAOJAX_BACKWARD_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_gaussian_forward_cpu,
+                              kaojax::CompositeForward<kaojax::GaussianKind>,
+                              KAOJAX_FORWARD_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_gaussian_backward_cpu,
+                              kaojax::CompositeBackward<kaojax::GaussianKind>,
+                              KAOJAX_BACKWARD_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_mesh_visibility_cpu, kaojax::MeshVisibility,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("width")
+                                  .Attr<int32_t>("height")
+                                  .Attr<int32_t>("tile_size"));

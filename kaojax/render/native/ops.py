@@ -1,0 +1,137 @@
+"""JAX wrappers of the native kernels: an FFI call primitive inside `jax.custom_vjp`.
+
+Every op works on ONE view. Under `jax.vmap` the batch is folded into a single
+launch (the batching rule moves every batch axis to the front; the kernels
+treat all leading axes as views). The calls are lowered as batch-partitionable
+custom calls (XLA's `num_batch_dims` attribute and a Shardy rule sharing the
+leading axes), so under a sharded `jit` each device runs its own views and no
+collectives are inserted around them.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import config as jax_config
+from jax._src import custom_partitioning_sharding_rule as sdy
+from jax.extend import core as jex_core
+from jax.interpreters import batching, mlir
+
+from kaojax.render.tiles import TileGrid
+
+# One primitive for every kernel: `target` names the FFI handler, `outputs`
+# the per-view result (shape, dtype) pairs, `view_rank` the per-view rank of
+# the first operand (its extra leading axes are views), `attrs` the kernel's
+# integer attributes.
+ffi_call_p = jex_core.Primitive("kaojax_native_call")
+ffi_call_p.multiple_results = True
+
+
+def _abstract_eval(*args, target, outputs, view_rank, attrs):
+  batch = args[0].shape[:args[0].ndim - view_rank]
+  return [jax.core.ShapedArray(batch + shape, dtype) for shape, dtype in outputs]
+
+
+def _batch_rule(args, dims, **params):
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  front = [jnp.broadcast_to(a, (size,) + a.shape) if d is None
+           else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+  return ffi_call_p.bind(*front, **params), [0] * len(params["outputs"])
+
+
+def _sharding_rule(ctx, num_batch):
+  """Shardy rule: every operand and result shares the leading `num_batch` axes;
+  the per-view axes are independent factors."""
+  letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+  def spec(aval):
+    return " ".join(["..."] + [next(letters) for _ in range(aval.ndim - num_batch)])
+  rule = sdy.str_to_sdy_sharding_rule(
+      ", ".join(spec(a) for a in ctx.avals_in) + " -> " + ", ".join(spec(a) for a in ctx.avals_out))
+  return sdy.sdy_sharding_rule_to_mlir(rule, [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_in],
+                                       [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_out])
+
+
+def _lowering(ctx, *args, target, outputs, view_rank, attrs):
+  num_batch = ctx.avals_in[0].ndim - view_rank
+  extra = None
+  if num_batch:
+    extra = {"mhlo.frontend_attributes": mlir.ir_attribute({"num_batch_dims": str(num_batch)})}
+    if jax_config.use_shardy_partitioner.value:
+      extra["sdy.sharding_rule"] = _sharding_rule(ctx, num_batch)
+  rule = jax.ffi.ffi_lowering(target, extra_attributes=extra)
+  return rule(ctx, *args, **{name: np.int32(value) for name, value in attrs})
+
+
+ffi_call_p.def_abstract_eval(_abstract_eval)
+batching.primitive_batchers[ffi_call_p] = _batch_rule
+mlir.register_lowering(ffi_call_p, _lowering)
+
+
+def _call(target, outputs, grid: TileGrid, *args):
+  """One view's kernel call; outputs: ((shape, dtype), ...) per view."""
+  attrs = (("width", grid.width), ("height", grid.height), ("tile_size", grid.tile_size))
+  outputs = tuple((tuple(int(d) for d in shape), np.dtype(dtype)) for shape, dtype in outputs)
+  return ffi_call_p.bind(*args, target=target, outputs=outputs, view_rank=args[0].ndim,
+                         attrs=attrs)
+
+# (parameters per primitive, features per pixel) of each compositing kernel;
+# the layouts are documented in csrc/raster_math.h.
+KINDS = {"surfel": (18, 7), "gaussian": (10, 4)}
+
+
+def _forward(kind, grid, capacity, prims, keys, rects):
+  num_p, num_f = KINDS[kind]
+  if prims.shape[-1] != num_p:
+    raise ValueError(f"kaojax.render.native: {kind} primitives must be [..., N, {num_p}], "
+                     f"got {prims.shape}")
+  h, w = grid.height, grid.width
+  k = min(int(capacity), prims.shape[0])
+  out = (((h, w, num_f), jnp.float32), ((h, w), jnp.float32), ((grid.num_tiles, k), jnp.int32),
+         ((grid.num_tiles,), jnp.int32), ((h, w), jnp.int32))
+  return _call(f"kaojax_{kind}_forward", out, grid, prims, keys, rects)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def composite(kind: str, grid: TileGrid, capacity: int, prims, keys, rects):
+  """Bin, depth-sort and composite projected primitives for one view.
+
+  prims: [N, P] float32 (layout of `kind`, see csrc/raster_math.h)
+  keys:  [N] depth sort keys (no gradient); rects: [N, 4] int32 tile rectangle
+  (x0, y0, x1, y1), upper corner exclusive, empty for culled primitives.
+  Returns feats [H, W, F] = sum_i w_i f_i, transmittance [H, W] and counts
+  [num_tiles] (primitives covering each tile, before the `capacity` cap).
+  """
+  feats, trans, _, counts, _ = _forward(kind, grid, capacity, prims, keys, rects)
+  return feats, trans, counts
+
+
+def _composite_fwd(kind, grid, capacity, prims, keys, rects):
+  feats, trans, ids, counts, last = _forward(kind, grid, capacity, prims, keys, rects)
+  return (feats, trans, counts), (prims, ids, counts, last, trans)
+
+
+def _composite_bwd(kind, grid, capacity, res, cotangents):
+  prims, ids, counts, last, trans = res
+  grad_feats, grad_trans, _ = cotangents
+  out = ((prims.shape, jnp.float32), (ids.shape + (prims.shape[-1],), jnp.float32))
+  grad_prims, _ = _call(f"kaojax_{kind}_backward", out, grid, prims, ids, counts, last, trans,
+                        grad_feats.astype(jnp.float32), grad_trans.astype(jnp.float32))
+  return grad_prims, None, None
+
+
+composite.defvjp(_composite_fwd, _composite_bwd)
+
+
+def mesh_visibility(grid: TileGrid, capacity: int, tris, keys, rects):
+  """Nearest face per pixel for one view (no gradient).
+
+  tris: [F, 9] (x, y, camera z) of the three corners; keys [F]; rects [F, 4].
+  Returns face_id [H, W] int32 (-1 = background) and counts [num_tiles].
+  """
+  k = min(int(capacity), tris.shape[0])
+  out = (((grid.height, grid.width), jnp.int32), ((grid.num_tiles, k), jnp.int32),
+         ((grid.num_tiles,), jnp.int32))
+  face_id, _, counts = _call("kaojax_mesh_visibility", out, grid, jax.lax.stop_gradient(tris),
+                             jax.lax.stop_gradient(keys), rects)
+  return face_id, counts
