@@ -22,7 +22,8 @@ W, H = 40, 36           # not multiples of the 16 px tile: partial edge tiles
 BATCHES = [(), (2,), (2, 3)]
 SPLATS = {"surfel": rasterize_surfels, "gaussian3d": rasterize_gaussians}
 
-PLATFORMS = ["cpu"] + (["cuda"] if any(d.platform == "gpu" for d in jax.devices()) else [])
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+PLATFORMS = ["cpu", "cuda"]
 
 pytestmark = pytest.mark.skipif("cpu" not in native.loaded,
                                 reason=f"native CPU library not built: {native.load_errors}")
@@ -71,53 +72,74 @@ def _assert_grads_close(ref, nat):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
 
 
-@pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize("batch", BATCHES, ids=str)
-@pytest.mark.parametrize("kind", sorted(SPLATS))
-def test_splat_forward_and_gradient_parity(kind, batch, platform):
+# Views are independent, so the reference is computed once on a (2, 3) batch
+# (every view with its own Gaussians) and the () and (2,) cases compare against
+# its slices: same numbers, a third of the reference's compile time.
+_SLICES = {(): (0, 0), (2,): (slice(None), 0), (2, 3): (slice(None), slice(None))}
+
+
+def _weighted_loss(render, viewmats, Ks, bg, weights, backend):
+  def loss(g):
+    out = render(g, viewmats, Ks, W, H, bg, backend=backend)
+    return sum(jnp.sum(out[k] * w) for k, w in weights.items())
+  return loss
+
+
+@functools.lru_cache(maxsize=None)
+def _splat_reference(kind):
+  """Scene, reference outputs (float32 and float64), loss weights and reference
+  gradients for a (2, 3) batch."""
   render = SPLATS[kind]
-  g, viewmats, Ks, bg = _scene(batch)
-  device = jax.devices("gpu" if platform == "cuda" else "cpu")[0]
-  g, viewmats, Ks = jax.device_put((g, viewmats, Ks), device)
+  g, viewmats, Ks, bg = _scene((2, 3))
   ref = render(g, viewmats, Ks, W, H, bg, backend="reference")
-  nat = render(g, viewmats, Ks, W, H, bg, backend="native")
-  assert float(jnp.mean(nat["alpha"])) > 0.2
   with jax.enable_x64(True):
     to64 = lambda x: jnp.asarray(np.asarray(x), jnp.float64)
     ref64 = render(jax.tree_util.tree_map(to64, g), to64(viewmats), to64(Ks), W, H,
                    to64(bg), backend="reference")
-  _assert_outputs_close(ref, nat, ref64)
+    ref64 = jax.tree_util.tree_map(np.asarray, ref64)
   weights = _loss_weights(ref)
+  grads = jax.jit(jax.grad(_weighted_loss(render, viewmats, Ks, bg, weights, "reference")))(g)
+  return (g, viewmats, Ks, bg), ref, ref64, weights, grads
 
-  def loss(g, backend):
-    out = render(g, viewmats, Ks, W, H, bg, backend=backend)
-    return sum(jnp.sum(out[k] * w) for k, w in weights.items())
 
-  _assert_grads_close(jax.grad(loss)(g, "reference"), jax.jit(jax.grad(loss), static_argnums=1)(
-      g, "native"))
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("batch", BATCHES, ids=str)
+@pytest.mark.parametrize("kind", sorted(SPLATS))
+def test_splat_forward_and_gradient_parity(kind, batch, platform):
+  if platform == "cuda" and not HAS_GPU:
+    pytest.skip("CUDA parity needs a GPU (JAX sees none)")
+  render = SPLATS[kind]
+  scene, ref, ref64, weights, ref_grads = _splat_reference(kind)
+  cut = lambda tree: jax.tree_util.tree_map(lambda a: a[_SLICES[batch]], tree)
+  g, viewmats, Ks, bg = cut(scene)
+  ref, ref64, weights, ref_grads = cut((ref, ref64, weights, ref_grads))
+  device = jax.devices("gpu" if platform == "cuda" else "cpu")[0]
+  g, viewmats, Ks = jax.device_put((g, viewmats, Ks), device)
+  nat = jax.jit(render, static_argnames=("width", "height", "backend"))(
+      g, viewmats, Ks, width=W, height=H, background=bg, backend="native")
+  assert nat["color"].shape == tuple(batch) + (H, W, 3)
+  assert float(jnp.mean(nat["alpha"])) > 0.2
+  _assert_outputs_close(ref, nat, ref64)
+  loss = _weighted_loss(render, viewmats, Ks, bg, weights, "native")
+  _assert_grads_close(ref_grads, jax.jit(jax.grad(loss))(g))
 
 
 @pytest.mark.parametrize("kind", sorted(SPLATS))
 def test_vmap_of_native_matches_reference_and_is_one_launch(kind):
   render = SPLATS[kind]
-  g, viewmats, Ks, bg = _scene((3,), seed=5)
-  weights = _loss_weights(render(g, viewmats[0], Ks[0], W, H, bg[0], backend="reference"))
+  scene, ref, _, weights, ref_grads = _splat_reference(kind)
+  cut = lambda tree: jax.tree_util.tree_map(lambda a: a[:, 0], tree)
+  (g, viewmats, Ks, bg), ref, weights, ref_grads = cut((scene, ref, weights, ref_grads))
 
-  def per_view(backend, g, viewmat, K, b):
-    out = render(g, viewmat, K, W, H, b, backend=backend)
-    return sum(jnp.sum(out[k] * w) for k, w in weights.items()), out["color"]
+  def per_view(g, viewmat, K, b, w):
+    out = render(g, viewmat, K, W, H, b, backend="native")
+    return sum(jnp.sum(out[k] * w[k]) for k in w), out["color"]
 
-  def run(backend):
-    fn = jax.vmap(jax.value_and_grad(functools.partial(per_view, backend), has_aux=True))
-    return jax.jit(fn)(g, viewmats, Ks, bg)
-
-  (l_ref, c_ref), g_ref = run("reference")
-  (l_nat, c_nat), g_nat = run("native")
-  np.testing.assert_allclose(c_nat, c_ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(l_nat, l_ref, rtol=1e-5)
-  _assert_grads_close(g_ref, g_nat)
-  hlo = jax.jit(jax.vmap(functools.partial(per_view, "native"))).lower(
-      g, viewmats, Ks, bg).as_text()
+  fn = jax.jit(jax.vmap(jax.value_and_grad(per_view, has_aux=True)))
+  (_, color), grads = fn(g, viewmats, Ks, bg, weights)
+  np.testing.assert_allclose(color, ref["color"], rtol=1e-5, atol=1e-5)
+  _assert_grads_close(ref_grads, grads)
+  hlo = jax.jit(jax.vmap(per_view)).lower(g, viewmats, Ks, bg, weights).as_text()
   target = "surfel" if kind == "surfel" else "gaussian"
   assert hlo.count(f"kaojax_{target}_forward") == 1, "vmap must fold the views into one call"
 
@@ -132,39 +154,65 @@ def test_tile_overflow_matches_reference(kind):
   _assert_outputs_close(ref, nat)
 
 
-def _mesh_scene(batch, seed=0, head=False):
-  """The Open3D sphere (1,100 faces) or the synthetic FLAME head (~10k faces)."""
-  from tests.render.mesh_test import _flame_head, _sphere
-  verts, faces = _flame_head() if head else _sphere()
-  distance = 0.9 if head else 2.5
-  viewmats, Ks = orbit_views(seed, batch, distance=distance, width=W, height=H, focal=45.0)
+def _mesh_scene(batch, seed=0):
+  """The Open3D sphere (1,100 faces) seen from `batch` cameras."""
+  from tests.render.mesh_test import _sphere
+  verts, faces = _sphere()
+  viewmats, Ks = orbit_views(seed, batch, distance=2.5, width=W, height=H, focal=45.0)
   return jnp.asarray(verts, jnp.float32), jnp.asarray(faces), jnp.asarray(viewmats), jnp.asarray(Ks)
 
 
-@pytest.mark.parametrize("batch", BATCHES, ids=str)
-def test_mesh_forward_and_gradient_parity(batch):
-  verts, faces, viewmats, Ks = _mesh_scene(batch)
+@functools.lru_cache(maxsize=None)
+def _mesh_reference():
+  """A (2, 3) batch of meshes (one copy of the sphere per view, so that
+  gradients are per view), reference outputs, loss weights and gradients."""
+  verts, faces, viewmats, Ks = _mesh_scene((2, 3))
+  verts = jnp.broadcast_to(verts, (2, 3) + verts.shape)
   ref = rasterize_mesh(verts, faces, viewmats, Ks, W, H, backend="reference")
+  weights = _loss_weights(ref)
+  grads = jax.jit(jax.grad(_mesh_loss(faces, viewmats, Ks, weights, "reference")))(verts)
+  return (verts, viewmats, Ks), faces, ref, weights, grads
+
+
+def _mesh_loss(faces, viewmats, Ks, weights, backend):
+  def loss(v):
+    out = rasterize_mesh(v, faces, viewmats, Ks, W, H, backend=backend)
+    return sum(jnp.sum(out[k] * w) for k, w in weights.items())
+  return loss
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("batch", BATCHES, ids=str)
+def test_mesh_forward_and_gradient_parity(batch, platform):
+  if platform == "cuda" and not HAS_GPU:
+    pytest.skip("CUDA parity needs a GPU (JAX sees none)")
+  scene, faces, ref, weights, ref_grads = _mesh_reference()
+  cut = lambda tree: jax.tree_util.tree_map(lambda a: a[_SLICES[batch]], tree)
+  verts, viewmats, Ks = cut(scene)
+  ref, weights, ref_grads = cut((ref, weights, ref_grads))
+  device = jax.devices("gpu" if platform == "cuda" else "cpu")[0]
+  verts, viewmats, Ks = jax.device_put((verts, viewmats, Ks), device)
   nat = rasterize_mesh(verts, faces, viewmats, Ks, W, H, backend="native")
   assert float(jnp.mean(ref["mask"])) > 0.2
   _assert_outputs_close(ref, nat)
-  weights = _loss_weights(ref)
-
-  def loss(v, backend):
-    out = rasterize_mesh(v, faces, viewmats, Ks, W, H, backend=backend)
-    return sum(jnp.sum(out[k] * w) for k, w in weights.items())
-
-  a = jax.grad(loss)(verts, "reference")
-  b = jax.jit(jax.grad(loss), static_argnums=1)(verts, "native")
-  np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(a))))
+  grads = jax.jit(jax.grad(_mesh_loss(faces, viewmats, Ks, weights, "native")))(verts)
+  np.testing.assert_allclose(grads, ref_grads, rtol=1e-4,
+                             atol=1e-4 * float(jnp.max(jnp.abs(ref_grads))))
 
 
 def test_mesh_overflow_matches_reference():
-  verts, faces, viewmats, Ks = _mesh_scene((2,), seed=3, head=True)
-  ref = rasterize_mesh(verts, faces, viewmats, Ks, W, H, tile_capacity=64, backend="reference")
-  nat = rasterize_mesh(verts, faces, viewmats, Ks, W, H, tile_capacity=64, backend="native")
+  verts, faces, viewmats, Ks = _mesh_scene((2,), seed=3)
+  ref = rasterize_mesh(verts, faces, viewmats, Ks, W, H, tile_capacity=40, backend="reference")
+  nat = rasterize_mesh(verts, faces, viewmats, Ks, W, H, tile_capacity=40, backend="native")
   assert int(jnp.min(ref["overflow"])) > 0
   _assert_outputs_close(ref, nat)
+
+
+def test_cuda_library_is_built_where_nvcc_is_found():
+  import shutil
+  if not shutil.which("nvcc"):
+    pytest.skip("no nvcc on this machine: the CUDA library is not built")
+  assert "cuda" in native.loaded, native.load_errors
 
 
 def test_backend_argument_is_checked():

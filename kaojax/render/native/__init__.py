@@ -88,7 +88,7 @@ def resolve(backend=None, dtype=None) -> str:
     return "reference"
   if backend == "auto" and dtype is not None and jax.numpy.dtype(dtype) == jax.numpy.float64:
     return "reference"
-  platform = jax.default_backend()
+  platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
   if platform in loaded:
     return "native"
   if backend == "native":
