@@ -86,7 +86,7 @@ def _forward(kind, grid, capacity, prims, keys, rects):
     raise ValueError(f"kaojax.render.native: {kind} primitives must be [..., N, {num_p}], "
                      f"got {prims.shape}")
   h, w = grid.height, grid.width
-  k = min(int(capacity), prims.shape[0])
+  k = max(1, min(int(capacity), prims.shape[0]))   # a list slot even with no primitives
   out = (((h, w, num_f), jnp.float32), ((h, w), jnp.float32), ((grid.num_tiles, k), jnp.int32),
          ((grid.num_tiles,), jnp.int32), ((h, w), jnp.int32))
   return _call(f"kaojax_{kind}_forward", out, grid, prims, keys, rects)
@@ -129,7 +129,7 @@ def mesh_visibility(grid: TileGrid, capacity: int, tris, keys, rects):
   tris: [F, 9] (x, y, camera z) of the three corners; keys [F]; rects [F, 4].
   Returns face_id [H, W] int32 (-1 = background) and counts [num_tiles].
   """
-  k = min(int(capacity), tris.shape[0])
+  k = max(1, min(int(capacity), tris.shape[0]))
   out = (((grid.height, grid.width), jnp.int32), ((grid.num_tiles, k), jnp.int32),
          ((grid.num_tiles,), jnp.int32))
   face_id, _, counts = _call("kaojax_mesh_visibility", out, grid, jax.lax.stop_gradient(tris),
