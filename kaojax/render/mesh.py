@@ -144,7 +144,7 @@ def _rasterize_one_view(vertices, normals, viewmat, K, *, faces, grid, near_plan
   n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
   zero = lambda a: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 2)), a, 0)
   return dict(depth=zero(depth), normal=zero(n), mask=mask, face_id=face_id, bary=zero(bary),
-              overflow=jnp.sum(jnp.maximum(counts - capacity, 0)),
+              overflow=tiles.count_overflow(counts, capacity),
               max_tile_count=jnp.max(counts))
 
 

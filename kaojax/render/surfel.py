@@ -116,7 +116,7 @@ def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, backgr
     feats, trans, counts = native_ops.composite(
         "surfel", grid, capacity, prims.astype(jnp.float32), proj["depths"],
         tiles.tile_rects(tmin, tmax, active))
-    overflow = jnp.sum(jnp.maximum(counts - capacity, 0))
+    overflow = tiles.count_overflow(counts, capacity)
   else:
     bins = tiles.bin_to_tiles(grid, tmin, tmax, active, proj["depths"], capacity)
     prim = dict(means2d=proj["means2d"], ray_transforms=proj["ray_transforms"],

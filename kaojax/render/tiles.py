@@ -137,8 +137,12 @@ def bin_to_tiles(grid: TileGrid, tile_min, tile_max, active, sort_key, capacity:
     return ids.astype(jnp.int32), top > -jnp.inf, jnp.sum(hit, dtype=jnp.int32)
 
   ids, valid, counts = jax.lax.map(one_tile, tile_ids, batch_size=min(tile_chunk, grid.num_tiles))
-  overflow = jnp.sum(jnp.maximum(counts - capacity, 0))
-  return TileBins(ids=ids, valid=valid, counts=counts, overflow=overflow)
+  return TileBins(ids=ids, valid=valid, counts=counts, overflow=count_overflow(counts, capacity))
+
+
+def count_overflow(counts, capacity: int):
+  """(tile, primitive) pairs beyond the per-tile capacity: counts [num_tiles] -> []."""
+  return jnp.sum(jnp.maximum(counts - capacity, 0))
 
 
 # eval_fn(params_block, pixels) -> (alpha [B, P], features [B, P, F]); alpha must
