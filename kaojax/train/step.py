@@ -11,7 +11,11 @@ import optax
 from flax import nnx
 
 from kaojax import geometry, losses
-from kaojax.models.kaolrm import TRAINABLE
+from kaojax.models.kaolrm import TRAINABLE, nearest_gaussians
+
+# KaoLRM's monocular mode renders the int(N / MONOCULAR_KEEP_DIVISOR) Gaussians
+# nearest the camera (those on the far side of the head are dropped).
+MONOCULAR_KEEP_DIVISOR = 1.8
 
 
 @flax.struct.dataclass
@@ -39,12 +43,34 @@ def project_landmarks(landmarks, viewmats, Ks):
   return pixels
 
 
+def camera_centers(viewmats):
+  """World-to-camera [..., 4, 4] -> camera centres [..., 3] (-R^T t)."""
+  rot, trans = viewmats[..., :3, :3], viewmats[..., :3, 3]
+  return -jnp.einsum("...ji,...j->...i", rot, trans)
+
+
+def monocular_gaussians(out, viewmats):
+  """KaoLRM's monocular mode: `out` with only its int(N / 1.8) Gaussians nearest the
+  (single) target camera, viewmats [B, 1, 4, 4]; face_idx / bary are left for all N
+  samples."""
+  n = out.gaussians.means.shape[1]
+  keep = int(n / MONOCULAR_KEEP_DIVISOR)
+  return out.replace(gaussians=nearest_gaussians(out.gaussians,
+                                                 camera_centers(viewmats[:, 0]), keep))
+
+
 def forward_and_render(model, batch, key, synth_focal: float, mesh: bool = True,
                        capacities=(None, None)):
   """-> (model output, renders) at the batch's target views: {"surfels": ...,
   "mesh": ...} as KaoLRM.render gives (without "mesh" when `mesh` is False).
-  capacities: the (surfel, mesh) renderers' per-tile budgets (None: default)."""
+  capacities: the (surfel, mesh) renderers' per-tile budgets (None: default).
+  A monocular model (cfg.monocular) renders only the Gaussians nearest its camera
+  (`monocular_gaussians`; the output holds those)."""
   out = model(batch["source"], batch["source_camera"], key, synth_focal=synth_focal)
+  if model.cfg.monocular:
+    if batch["viewmats"].shape[1] != 1:
+      raise ValueError(f"monocular batches have one view, got {batch['viewmats'].shape[1]}")
+    out = monocular_gaussians(out, batch["viewmats"])
   size = batch["target_rgb"].shape[-2]
   background = batch["background"][:, None, :]
   return out, model.render(out, batch["viewmats"], batch["Ks"], size, size, background,

@@ -1,0 +1,83 @@
+"""Monocular KaoLRM training: the Gaussian selection nearest the camera inside the
+training forward, and `configs/finetune_mono.py:tiny` end to end (a few steps)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import finetune_mono
+from kaojax.flame.synthetic import make_synthetic_flame
+from kaojax.models.kaolrm import KaoLRM, kaolrm_config
+from kaojax.train import step as train_step
+from kaojax.train.loop import train_and_evaluate
+from kaojax.train.metrics import read_metrics
+from tests.train.sharded_steps import make_batch
+
+
+def test_camera_centers_invert_the_view_matrix():
+  c2w = np.eye(4, dtype=np.float32)
+  c2w[:3, :3] = np.asarray(jax.random.orthogonal(jax.random.key(0), 3))
+  c2w[:3, 3] = [0.3, -0.2, 2.0]
+  got = train_step.camera_centers(jnp.asarray(np.linalg.inv(c2w)))
+  np.testing.assert_allclose(got, c2w[:3, 3], atol=1e-5)
+
+
+def test_monocular_forward_renders_only_the_gaussians_nearest_the_camera():
+  n = 200
+  model = KaoLRM(kaolrm_config("tiny", num_samples=n, monocular=True),
+                 make_synthetic_flame(), nnx.Rngs(0))
+  batch = {k: jnp.asarray(v[:2]) for k, v in make_batch(1).items()}
+  batch = {k: v[:, :1] if k in ("target_rgb", "target_alpha", "viewmats", "Ks", "landmarks")
+           else v for k, v in batch.items()}
+  key = jax.random.key(5)
+  out, renders = train_step.forward_and_render(model, batch, key, 4.0, mesh=False)
+  everything = model(batch["source"], batch["source_camera"], key, synth_focal=4.0)
+  keep = int(n / 1.8)
+  assert out.gaussians.means.shape == (2, keep, 3)
+  centre = np.linalg.inv(np.asarray(batch["viewmats"][:, 0]))[:, :3, 3]
+  dist_all = np.linalg.norm(np.asarray(everything.gaussians.means) - centre[:, None], axis=-1)
+  dist_kept = np.linalg.norm(np.asarray(out.gaussians.means) - centre[:, None], axis=-1)
+  np.testing.assert_allclose(np.sort(dist_kept, 1), np.sort(dist_all, 1)[:, :keep], atol=1e-5)
+  # every attribute travels with its centre
+  for b in range(2):
+    index = [int(np.argmin(np.abs(dist_all[b] - d))) for d in dist_kept[b]]
+    np.testing.assert_allclose(out.gaussians.colors[b], everything.gaussians.colors[b, index],
+                               atol=1e-6)
+  # and the renders are those of the kept Gaussians
+  again = model.render(out, batch["viewmats"], batch["Ks"], 32, 32,
+                       batch["background"][:, None, :], mesh=False)
+  np.testing.assert_array_equal(renders["surfels"]["color"], again["surfels"]["color"])
+  full = model.render(everything, batch["viewmats"], batch["Ks"], 32, 32,
+                      batch["background"][:, None, :], mesh=False)
+  assert not np.allclose(renders["surfels"]["alpha"], full["surfels"]["alpha"])
+  # multi-view models render everything
+  multi = KaoLRM(kaolrm_config("tiny", num_samples=n), make_synthetic_flame(), nnx.Rngs(0))
+  out_multi, _ = train_step.forward_and_render(multi, batch, key, 4.0, mesh=False)
+  assert out_multi.gaussians.means.shape == (2, n, 3)
+
+
+def test_finetune_mono_tiny_trains_end_to_end(tmp_path):
+  config = finetune_mono.get_config("tiny")
+  config.data.synthetic.num_subjects = 6
+  config.data.synthetic.num_views = 2
+  config.data.synthetic.image_size = 32
+  config.data.render_size = 24
+  config.model.num_samples = 128
+  config.batch_size = 2
+  config.total_steps = 3
+  config.log_every = 1
+  config.async_checkpoints = False
+  train_and_evaluate(config, tmp_path)
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert all(r["stage"] == 2 for r in rows)
+  for term in ("pixel", "dssim", "landmark", "depth_binding", "normal_binding", "loss"):
+    assert all(np.isfinite(r[term]) for r in rows), term
+  assert "lpips" not in rows[0] and "mask" not in rows[0]   # off in the tiny preset / mono
+  assert (tmp_path / "synthetic_data_mono" / "lmks.npz").is_file()
+  assert (tmp_path / "checkpoints" / "3").is_dir()
+  with pytest.raises(ValueError, match="config.loss.lpips_weights"):
+    config = finetune_mono.get_config()   # the paper's mono stage II weighs LPIPS 0.1
+    train_and_evaluate(config, tmp_path / "no_weights")
