@@ -1,12 +1,13 @@
 // CPU backend of the native rasterizers: XLA FFI handlers, multithreaded over
-// (view, tile) pairs. Math in raster_math.h. No memory is allocated: tile lists,
-// per-slot gradients and outputs all live in buffers that XLA provides.
+// (view, tile) pairs on XLA's intra-op thread pool. Math in raster_math.h.
+// Tile lists, per-slot gradients and outputs all live in buffers that XLA
+// provides; the kernels allocate no buffers of their own.
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
-#include <vector>
 
 #include "raster_math.h"
 #include "tiling.h"
@@ -15,35 +16,42 @@
 namespace kaojax {
 namespace {
 
-int num_threads() {
-  static const int n = [] {
-    if (const char* env = std::getenv("KAOJAX_NATIVE_THREADS")) {
-      const int v = std::atoi(env);
-      if (v > 0) return v;
-    }
-    const int hw = (int)std::thread::hardware_concurrency();
-    return hw > 0 ? hw : 1;
+// Upper bound on the threads one call uses (KAOJAX_NATIVE_THREADS, default: no cap).
+int64_t thread_cap() {
+  static const int64_t cap = [] {
+    const char* env = std::getenv("KAOJAX_NATIVE_THREADS");
+    const int64_t v = env ? std::atoll(env) : 0;
+    return v > 0 ? v : (int64_t)1 << 30;
   }();
-  return n;
+  return cap;
 }
 
-// Runs fn(i) for i in [0, n) on up to num_threads() threads.
+// Runs fn(i) for i in [0, n) on XLA's intra-op thread pool and the calling
+// thread (num_threads() workers in all). Items are claimed from a shared
+// counter and the caller returns once every item is done, without waiting for
+// helpers that start late (they find no work left and touch only the shared
+// counters), so a busy pool cannot deadlock the call.
 template <typename Fn>
-void parallel_for(int64_t n, Fn fn) {
-  const int workers = (int)std::min<int64_t>(num_threads(), n);
-  if (workers <= 1) {
+void parallel_for(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
+  const int64_t helpers = std::min({pool.num_threads() - 1, n - 1, thread_cap() - 1});
+  if (helpers <= 0) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
-  std::atomic<int64_t> next{0};
-  auto work = [&] {
-    for (int64_t i = next++; i < n; i = next++) fn(i);
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
   };
-  std::thread threads[64];
-  const int spawned = std::min(workers, 64) - 1;
-  for (int w = 0; w < spawned; ++w) threads[w] = std::thread(work);
+  auto counters = std::make_shared<Counters>();
+  const Fn* body = &fn;
+  auto work = [counters, body, n] {
+    for (int64_t i = counters->next++; i < n; i = counters->next++) {
+      (*body)(i);
+      counters->done++;
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work(); });
   work();
-  for (int w = 0; w < spawned; ++w) threads[w].join();
+  while (counters->done.load() < n) std::this_thread::yield();
 }
 
 // The `capacity` nearest primitives covering tile (tx, ty), nearest first, in
@@ -70,7 +78,7 @@ int32_t select_tile(const float* keys, const int32_t* rects, int64_t n, int tx, 
 }
 
 template <typename Kind>
-ffi::Error CompositeForward(ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::F32> keys,
+ffi::Error CompositeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::F32> keys,
                             ffi::Buffer<ffi::S32> rects, ffi::ResultBuffer<ffi::F32> feats,
                             ffi::ResultBuffer<ffi::F32> trans, ffi::ResultBuffer<ffi::S32> ids,
                             ffi::ResultBuffer<ffi::S32> counts,
@@ -94,7 +102,7 @@ ffi::Error CompositeForward(ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::F32> k
   int32_t* out_counts = counts->typed_data();
   int32_t* out_last = last->typed_data();
   const int tiles = grid.num_tiles();
-  parallel_for(views * tiles, [&](int64_t vt) {
+  parallel_for(pool, views * tiles, [&](int64_t vt) {
     const int64_t v = vt / tiles;
     const int t = (int)(vt % tiles);
     const int tx = t % grid.tiles_x, ty = t / grid.tiles_x;
@@ -115,7 +123,7 @@ ffi::Error CompositeForward(ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::F32> k
 }
 
 template <typename Kind>
-ffi::Error CompositeBackward(ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::S32> ids,
+ffi::Error CompositeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::S32> ids,
                              ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> last,
                              ffi::Buffer<ffi::F32> trans, ffi::Buffer<ffi::F32> grad_feats,
                              ffi::Buffer<ffi::F32> grad_trans,
@@ -139,7 +147,7 @@ ffi::Error CompositeBackward(ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::S32> 
   float* slots = slot_grads->typed_data();
   float* out = grad_prims->typed_data();
   const int tiles = grid.num_tiles();
-  parallel_for(views * tiles, [&](int64_t vt) {
+  parallel_for(pool, views * tiles, [&](int64_t vt) {
     const int64_t v = vt / tiles;
     const int t = (int)(vt % tiles);
     const int tx = t % grid.tiles_x, ty = t / grid.tiles_x;
@@ -159,7 +167,7 @@ ffi::Error CompositeBackward(ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::S32> 
     }
   });
   // Sum the slots of each view into its primitives, tile by tile (deterministic).
-  parallel_for(views, [&](int64_t v) {
+  parallel_for(pool, views, [&](int64_t v) {
     float* gv = out + v * n * Kind::P;
     std::memset(gv, 0, sizeof(float) * n * Kind::P);
     for (int t = 0; t < tiles; ++t) {
@@ -175,7 +183,7 @@ ffi::Error CompositeBackward(ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::S32> 
   return ffi::Error::Success();
 }
 
-ffi::Error MeshVisibility(ffi::Buffer<ffi::F32> tris, ffi::Buffer<ffi::F32> keys,
+ffi::Error MeshVisibility(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> tris, ffi::Buffer<ffi::F32> keys,
                           ffi::Buffer<ffi::S32> rects, ffi::ResultBuffer<ffi::S32> face_id,
                           ffi::ResultBuffer<ffi::S32> ids, ffi::ResultBuffer<ffi::S32> counts,
                           int32_t width, int32_t height, int32_t tile_size) {
@@ -194,7 +202,7 @@ ffi::Error MeshVisibility(ffi::Buffer<ffi::F32> tris, ffi::Buffer<ffi::F32> keys
   int32_t* out_ids = ids->typed_data();
   int32_t* out_counts = counts->typed_data();
   const int tiles = grid.num_tiles();
-  parallel_for(views * tiles, [&](int64_t vt) {
+  parallel_for(pool, views * tiles, [&](int64_t vt) {
     const int64_t v = vt / tiles;
     const int t = (int)(vt % tiles);
     const int tx = t % grid.tiles_x, ty = t / grid.tiles_x;
@@ -217,6 +225,7 @@ namespace ffi = xla::ffi;
 
 #define KAOJAX_FORWARD_BINDING                                                              \
   ffi::Ffi::Bind()                                                                          \
+      .Ctx<ffi::ThreadPool>()                                                               \
       .Arg<ffi::Buffer<ffi::F32>>()                                                         \
       .Arg<ffi::Buffer<ffi::F32>>()                                                         \
       .Arg<ffi::Buffer<ffi::S32>>()                                                         \
@@ -231,6 +240,7 @@ namespace ffi = xla::ffi;
 
 #define KAOJAX_BACKWARD_BINDING                                                             \
   ffi::Ffi::Bind()                                                                          \
+      .Ctx<ffi::ThreadPool>()                                                               \
       .Arg<ffi::Buffer<ffi::F32>>()                                                         \
       .Arg<ffi::Buffer<ffi::S32>>()                                                         \
       .Arg<ffi::Buffer<ffi::S32>>()                                                         \
@@ -258,6 +268,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_gaussian_backward_cpu,
                               KAOJAX_BACKWARD_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_mesh_visibility_cpu, kaojax::MeshVisibility,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
