@@ -77,6 +77,24 @@ int32_t select_tile(const float* keys, const int32_t* rects, int64_t n, int tx, 
   return count;
 }
 
+// fn(view, tile x, tile y, flat tile index) for every tile of every view, in parallel.
+template <typename Fn>
+void for_each_tile(ffi::ThreadPool& pool, const Grid& g, int64_t views, Fn fn) {
+  const int tiles = g.num_tiles();
+  parallel_for(pool, views * tiles, [&](int64_t vt) {
+    const int t = (int)(vt % tiles);
+    fn(vt / tiles, t % g.tiles_x, t / g.tiles_x, vt);
+  });
+}
+
+// fn(x, y, flat pixel index) for the pixels of tile (tx, ty) of view v.
+template <typename Fn>
+void for_each_pixel(const Grid& g, int64_t v, int tx, int ty, Fn fn) {
+  for (int y = ty * g.tile_size; y < std::min((ty + 1) * g.tile_size, g.height); ++y)
+    for (int x = tx * g.tile_size; x < std::min((tx + 1) * g.tile_size, g.width); ++x)
+      fn(x, y, v * g.pixels() + (int64_t)y * g.width + x);
+}
+
 template <typename Kind>
 ffi::Error CompositeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> prims, ffi::Buffer<ffi::F32> keys,
                             ffi::Buffer<ffi::S32> rects, ffi::ResultBuffer<ffi::F32> feats,
@@ -85,14 +103,11 @@ ffi::Error CompositeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> prims, f
                             ffi::ResultBuffer<ffi::S32> last, int32_t width, int32_t height,
                             int32_t tile_size) {
   const Grid grid = make_grid(width, height, tile_size);
-  const int64_t n = dim_from_end(prims, 2);
-  const int64_t views = leading(prims, 2);
-  const int32_t capacity = (int32_t)dim_from_end(*ids, 1);
-  if (dim_from_end(prims, 1) != Kind::P) return invalid("primitive parameters have the wrong size");
+  CallShape shape;
+  if (auto e = call_shape(grid, prims, Kind::P, *ids, &shape); e.failure()) return e;
+  const int64_t n = shape.n, views = shape.views;
+  const int32_t capacity = shape.capacity;
   if (leading(keys, 1) != views || dim_from_end(keys, 1) != n) return invalid("keys must be [..., N]");
-  if (leading(*ids, 2) != views || dim_from_end(*ids, 2) != grid.num_tiles())
-    return invalid("tile list buffer does not match the tile grid");
-  if (grid.tiles_x <= 0 || capacity <= 0) return invalid("bad tile size or capacity");
   const float* p = prims.typed_data();
   const float* k = keys.typed_data();
   const int32_t* r = rects.typed_data();
@@ -101,23 +116,16 @@ ffi::Error CompositeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> prims, f
   int32_t* out_ids = ids->typed_data();
   int32_t* out_counts = counts->typed_data();
   int32_t* out_last = last->typed_data();
-  const int tiles = grid.num_tiles();
-  parallel_for(pool, views * tiles, [&](int64_t vt) {
-    const int64_t v = vt / tiles;
-    const int t = (int)(vt % tiles);
-    const int tx = t % grid.tiles_x, ty = t / grid.tiles_x;
+  for_each_tile(pool, grid, views, [&](int64_t v, int tx, int ty, int64_t vt) {
     int32_t* list = out_ids + vt * capacity;
     const int32_t count = select_tile(k + v * n, r + v * n * 4, n, tx, ty, capacity, list);
     out_counts[vt] = count;
     const int kept = std::min(count, capacity);
     const float* pv = p + v * n * Kind::P;
-    for (int y = ty * tile_size; y < std::min((ty + 1) * tile_size, height); ++y) {
-      for (int x = tx * tile_size; x < std::min((tx + 1) * tile_size, width); ++x) {
-        const int64_t pix = v * grid.pixels() + (int64_t)y * width + x;
-        composite_pixel<Kind>(pv, list, kept, x + 0.5f, y + 0.5f, out_f + pix * Kind::F,
-                              out_t + pix, out_last + pix);
-      }
-    }
+    for_each_pixel(grid, v, tx, ty, [&](int x, int y, int64_t pix) {
+      composite_pixel<Kind>(pv, list, kept, x + 0.5f, y + 0.5f, out_f + pix * Kind::F,
+                            out_t + pix, out_last + pix);
+    });
   });
   return ffi::Error::Success();
 }
@@ -131,12 +139,10 @@ ffi::Error CompositeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> prims, 
                              ffi::ResultBuffer<ffi::F32> slot_grads, int32_t width,
                              int32_t height, int32_t tile_size) {
   const Grid grid = make_grid(width, height, tile_size);
-  const int64_t n = dim_from_end(prims, 2);
-  const int64_t views = leading(prims, 2);
-  const int32_t capacity = (int32_t)dim_from_end(ids, 1);
-  if (dim_from_end(prims, 1) != Kind::P) return invalid("primitive parameters have the wrong size");
-  if (leading(ids, 2) != views || dim_from_end(ids, 2) != grid.num_tiles())
-    return invalid("tile list buffer does not match the tile grid");
+  CallShape shape;
+  if (auto e = call_shape(grid, prims, Kind::P, ids, &shape); e.failure()) return e;
+  const int64_t n = shape.n, views = shape.views;
+  const int32_t capacity = shape.capacity;
   const float* p = prims.typed_data();
   const int32_t* list_all = ids.typed_data();
   const int32_t* cnt = counts.typed_data();
@@ -147,24 +153,18 @@ ffi::Error CompositeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> prims, 
   float* slots = slot_grads->typed_data();
   float* out = grad_prims->typed_data();
   const int tiles = grid.num_tiles();
-  parallel_for(pool, views * tiles, [&](int64_t vt) {
-    const int64_t v = vt / tiles;
-    const int t = (int)(vt % tiles);
-    const int tx = t % grid.tiles_x, ty = t / grid.tiles_x;
+  for_each_tile(pool, grid, views, [&](int64_t v, int tx, int ty, int64_t vt) {
     const int32_t* list = list_all + vt * capacity;
     float* slot = slots + vt * capacity * Kind::P;
     std::memset(slot, 0, sizeof(float) * capacity * Kind::P);
     const float* pv = p + v * n * Kind::P;
-    for (int y = ty * tile_size; y < std::min((ty + 1) * tile_size, height); ++y) {
-      for (int x = tx * tile_size; x < std::min((tx + 1) * tile_size, width); ++x) {
-        const int64_t pix = v * grid.pixels() + (int64_t)y * width + x;
-        composite_pixel_vjp<Kind>(pv, list, lst[pix], x + 0.5f, y + 0.5f, tr[pix],
-                                  gf + pix * Kind::F, gt[pix], [&](int j, const float* dp) {
-                                    for (int c = 0; c < Kind::P; ++c)
-                                      slot[j * Kind::P + c] += dp[c];
-                                  });
-      }
-    }
+    auto add = [slot](int j, const float* dp) {
+      for (int c = 0; c < Kind::P; ++c) slot[j * Kind::P + c] += dp[c];
+    };
+    for_each_pixel(grid, v, tx, ty, [&](int x, int y, int64_t pix) {
+      composite_pixel_vjp<Kind>(pv, list, lst[pix], x + 0.5f, y + 0.5f, tr[pix],
+                                gf + pix * Kind::F, gt[pix], add);
+    });
   });
   // Sum the slots of each view into its primitives, tile by tile (deterministic).
   parallel_for(pool, views, [&](int64_t v) {
@@ -188,32 +188,24 @@ ffi::Error MeshVisibility(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> tris, ffi:
                           ffi::ResultBuffer<ffi::S32> ids, ffi::ResultBuffer<ffi::S32> counts,
                           int32_t width, int32_t height, int32_t tile_size) {
   const Grid grid = make_grid(width, height, tile_size);
-  const int64_t n = dim_from_end(tris, 2);
-  const int64_t views = leading(tris, 2);
-  const int32_t capacity = (int32_t)dim_from_end(*ids, 1);
-  if (dim_from_end(tris, 1) != 9) return invalid("faces must be [..., F, 9]");
-  if (leading(*ids, 2) != views || dim_from_end(*ids, 2) != grid.num_tiles())
-    return invalid("tile list buffer does not match the tile grid");
-  if (grid.tiles_x <= 0 || capacity <= 0) return invalid("bad tile size or capacity");
+  CallShape shape;
+  if (auto e = call_shape(grid, tris, 9, *ids, &shape); e.failure()) return e;
+  const int64_t n = shape.n, views = shape.views;
+  const int32_t capacity = shape.capacity;
   const float* tr = tris.typed_data();
   const float* k = keys.typed_data();
   const int32_t* r = rects.typed_data();
   int32_t* out_face = face_id->typed_data();
   int32_t* out_ids = ids->typed_data();
   int32_t* out_counts = counts->typed_data();
-  const int tiles = grid.num_tiles();
-  parallel_for(pool, views * tiles, [&](int64_t vt) {
-    const int64_t v = vt / tiles;
-    const int t = (int)(vt % tiles);
-    const int tx = t % grid.tiles_x, ty = t / grid.tiles_x;
+  for_each_tile(pool, grid, views, [&](int64_t v, int tx, int ty, int64_t vt) {
     int32_t* list = out_ids + vt * capacity;
     const int32_t count = select_tile(k + v * n, r + v * n * 4, n, tx, ty, capacity, list);
     out_counts[vt] = count;
     const int kept = std::min(count, capacity);
-    for (int y = ty * tile_size; y < std::min((ty + 1) * tile_size, height); ++y)
-      for (int x = tx * tile_size; x < std::min((tx + 1) * tile_size, width); ++x)
-        out_face[v * grid.pixels() + (int64_t)y * width + x] =
-            visible_face(tr + v * n * 9, list, kept, x + 0.5f, y + 0.5f);
+    for_each_pixel(grid, v, tx, ty, [&](int x, int y, int64_t pix) {
+      out_face[pix] = visible_face(tr + v * n * 9, list, kept, x + 0.5f, y + 0.5f);
+    });
   });
   return ffi::Error::Success();
 }
@@ -223,58 +215,17 @@ ffi::Error MeshVisibility(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> tris, ffi:
 
 namespace ffi = xla::ffi;
 
-#define KAOJAX_FORWARD_BINDING                                                              \
-  ffi::Ffi::Bind()                                                                          \
-      .Ctx<ffi::ThreadPool>()                                                               \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::S32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::S32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::S32>>()                                                         \
-      .Attr<int32_t>("width")                                                               \
-      .Attr<int32_t>("height")                                                              \
-      .Attr<int32_t>("tile_size")
-
-#define KAOJAX_BACKWARD_BINDING                                                             \
-  ffi::Ffi::Bind()                                                                          \
-      .Ctx<ffi::ThreadPool>()                                                               \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
-      .Attr<int32_t>("width")                                                               \
-      .Attr<int32_t>("height")                                                              \
-      .Attr<int32_t>("tile_size")
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_surfel_forward_cpu,
                               kaojax::CompositeForward<kaojax::SurfelKind>,
-                              KAOJAX_FORWARD_BINDING);
+                              KAOJAX_FORWARD_BINDING(ffi::ThreadPool));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_surfel_backward_cpu,
                               kaojax::CompositeBackward<kaojax::SurfelKind>,
-                              KAOJAX_BACKWARD_BINDING);
+                              KAOJAX_BACKWARD_BINDING(ffi::ThreadPool));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_gaussian_forward_cpu,
                               kaojax::CompositeForward<kaojax::GaussianKind>,
-                              KAOJAX_FORWARD_BINDING);
+                              KAOJAX_FORWARD_BINDING(ffi::ThreadPool));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_gaussian_backward_cpu,
                               kaojax::CompositeBackward<kaojax::GaussianKind>,
-                              KAOJAX_BACKWARD_BINDING);
+                              KAOJAX_BACKWARD_BINDING(ffi::ThreadPool));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_mesh_visibility_cpu, kaojax::MeshVisibility,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int32_t>("width")
-                                  .Attr<int32_t>("height")
-                                  .Attr<int32_t>("tile_size"));
+                              KAOJAX_MESH_BINDING(ffi::ThreadPool));

@@ -192,10 +192,12 @@ ffi::Error launched(const char* what) {
   return ffi::Error::Success();
 }
 
-ffi::Error check_grid(const Grid& g, int32_t capacity) {
-  if (g.tiles_x <= 0 || capacity <= 0) return invalid("bad tile size or capacity");
+// call_shape, plus the CUDA limit: one thread per pixel of a tile.
+template <typename Prims, typename Ids>
+ffi::Error cuda_call_shape(const Grid& g, const Prims& prims, int64_t params, const Ids& ids,
+                           CallShape* shape) {
   if (g.tile_size * g.tile_size > 1024) return invalid("tile_size must be at most 32 on CUDA");
-  return ffi::Error::Success();
+  return call_shape(g, prims, params, ids, shape);
 }
 
 template <typename Kind>
@@ -206,13 +208,10 @@ ffi::Error CompositeForward(cudaStream_t stream, ffi::Buffer<ffi::F32> prims,
                             ffi::ResultBuffer<ffi::S32> last, int32_t width, int32_t height,
                             int32_t tile_size) {
   const Grid g = make_grid(width, height, tile_size);
-  const int64_t n = dim_from_end(prims, 2);
-  const int64_t views = leading(prims, 2);
-  const int32_t capacity = (int32_t)dim_from_end(*ids, 1);
-  if (dim_from_end(prims, 1) != Kind::P) return invalid("primitive parameters have the wrong size");
-  if (leading(*ids, 2) != views || dim_from_end(*ids, 2) != g.num_tiles())
-    return invalid("tile list buffer does not match the tile grid");
-  if (auto e = check_grid(g, capacity); e.failure()) return e;
+  CallShape shape;
+  if (auto e = cuda_call_shape(g, prims, Kind::P, *ids, &shape); e.failure()) return e;
+  const int64_t n = shape.n, views = shape.views;
+  const int32_t capacity = shape.capacity;
   const int64_t blocks = views * g.num_tiles();
   if (blocks == 0) return ffi::Error::Success();
   select_tiles<<<blocks, kSelectThreads, 0, stream>>>(keys.typed_data(), rects.typed_data(), n,
@@ -233,13 +232,10 @@ ffi::Error CompositeBackward(cudaStream_t stream, ffi::Buffer<ffi::F32> prims,
                              ffi::ResultBuffer<ffi::F32> slot_grads, int32_t width,
                              int32_t height, int32_t tile_size) {
   const Grid g = make_grid(width, height, tile_size);
-  const int64_t n = dim_from_end(prims, 2);
-  const int64_t views = leading(prims, 2);
-  const int32_t capacity = (int32_t)dim_from_end(ids, 1);
-  if (dim_from_end(prims, 1) != Kind::P) return invalid("primitive parameters have the wrong size");
-  if (leading(ids, 2) != views || dim_from_end(ids, 2) != g.num_tiles())
-    return invalid("tile list buffer does not match the tile grid");
-  if (auto e = check_grid(g, capacity); e.failure()) return e;
+  CallShape shape;
+  if (auto e = cuda_call_shape(g, prims, Kind::P, ids, &shape); e.failure()) return e;
+  const int64_t n = shape.n, views = shape.views;
+  const int32_t capacity = shape.capacity;
   cudaMemsetAsync(grad_prims->typed_data(), 0, grad_prims->size_bytes(), stream);
   cudaMemsetAsync(slot_grads->typed_data(), 0, slot_grads->size_bytes(), stream);
   const int64_t blocks = views * g.num_tiles();
@@ -261,13 +257,10 @@ ffi::Error MeshVisibility(cudaStream_t stream, ffi::Buffer<ffi::F32> tris,
                           ffi::ResultBuffer<ffi::S32> counts, int32_t width, int32_t height,
                           int32_t tile_size) {
   const Grid g = make_grid(width, height, tile_size);
-  const int64_t n = dim_from_end(tris, 2);
-  const int64_t views = leading(tris, 2);
-  const int32_t capacity = (int32_t)dim_from_end(*ids, 1);
-  if (dim_from_end(tris, 1) != 9) return invalid("faces must be [..., F, 9]");
-  if (leading(*ids, 2) != views || dim_from_end(*ids, 2) != g.num_tiles())
-    return invalid("tile list buffer does not match the tile grid");
-  if (auto e = check_grid(g, capacity); e.failure()) return e;
+  CallShape shape;
+  if (auto e = cuda_call_shape(g, tris, 9, *ids, &shape); e.failure()) return e;
+  const int64_t n = shape.n, views = shape.views;
+  const int32_t capacity = shape.capacity;
   const int64_t blocks = views * g.num_tiles();
   if (blocks == 0) return ffi::Error::Success();
   select_tiles<<<blocks, kSelectThreads, 0, stream>>>(keys.typed_data(), rects.typed_data(), n,
@@ -284,61 +277,21 @@ ffi::Error MeshVisibility(cudaStream_t stream, ffi::Buffer<ffi::F32> tris,
 
 namespace ffi = xla::ffi;
 
-#define KAOJAX_FORWARD_BINDING                                                              \
-  ffi::Ffi::Bind()                                                                          \
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()                                             \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::S32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::S32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::S32>>()                                                         \
-      .Attr<int32_t>("width")                                                               \
-      .Attr<int32_t>("height")                                                              \
-      .Attr<int32_t>("tile_size")
-
-#define KAOJAX_BACKWARD_BINDING                                                             \
-  ffi::Ffi::Bind()                                                                          \
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()                                             \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::S32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                         \
-      .Attr<int32_t>("width")                                                               \
-      .Attr<int32_t>("height")                                                              \
-      .Attr<int32_t>("tile_size")
-
+// No allocation, no host synchronisation: safe to capture into CUDA graphs.
 #define KAOJAX_GRAPH_SAFE {ffi::Traits::kCmdBufferCompatible}
+#define KAOJAX_STREAM ffi::PlatformStream<cudaStream_t>
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_surfel_forward_cuda,
                               kaojax::CompositeForward<kaojax::SurfelKind>,
-                              KAOJAX_FORWARD_BINDING, KAOJAX_GRAPH_SAFE);
+                              KAOJAX_FORWARD_BINDING(KAOJAX_STREAM), KAOJAX_GRAPH_SAFE);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_surfel_backward_cuda,
                               kaojax::CompositeBackward<kaojax::SurfelKind>,
-                              KAOJAX_BACKWARD_BINDING, KAOJAX_GRAPH_SAFE);
+                              KAOJAX_BACKWARD_BINDING(KAOJAX_STREAM), KAOJAX_GRAPH_SAFE);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_gaussian_forward_cuda,
                               kaojax::CompositeForward<kaojax::GaussianKind>,
-                              KAOJAX_FORWARD_BINDING, KAOJAX_GRAPH_SAFE);
+                              KAOJAX_FORWARD_BINDING(KAOJAX_STREAM), KAOJAX_GRAPH_SAFE);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_gaussian_backward_cuda,
                               kaojax::CompositeBackward<kaojax::GaussianKind>,
-                              KAOJAX_BACKWARD_BINDING, KAOJAX_GRAPH_SAFE);
+                              KAOJAX_BACKWARD_BINDING(KAOJAX_STREAM), KAOJAX_GRAPH_SAFE);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kaojax_mesh_visibility_cuda, kaojax::MeshVisibility,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int32_t>("width")
-                                  .Attr<int32_t>("height")
-                                  .Attr<int32_t>("tile_size"),
-                              KAOJAX_GRAPH_SAFE);
+                              KAOJAX_MESH_BINDING(KAOJAX_STREAM), KAOJAX_GRAPH_SAFE);
