@@ -270,7 +270,9 @@ def train_and_evaluate(config, workdir) -> dict:
   def run_eval(step):
     metrics, outputs = evaluation.evaluate(eval_step, state.params, state.rest,
                                            eval_set, eval_key)
-    writer.write(step, metrics, stage=1 if step < stage1_steps else 2)
+    # The stage of the last step trained (the first row: the stage about to start), as
+    # the training rows: the evaluation right after the last stage-I step is stage I's.
+    writer.write(step, metrics, stage=1 if 0 < stage1_steps and step <= stage1_steps else 2)
     if jax.process_index() == 0:
       save_grid(workdir / "images" / f"step_{step:06d}.png", eval_set.batches[0], outputs)
     return metrics
