@@ -2,13 +2,15 @@
 and stage II, and the share of a step spent outside the network (renderers, losses),
 measured against the network's own forward+backward in the same run.
 
-    python benchmarks/train.py [--quick] [--presets tiny,base]
+    python benchmarks/train.py [--quick] [--presets tiny,base] [--remat]
 
---quick: the tiny preset only. Batches are random (same shapes as the data
+--quick: the tiny preset only. --remat: rematerialise the transformer and encoder
+blocks (config.model.remat) to trade compute for memory. Batches are random (same shapes as the data
 pipeline's). The last line is one JSON object.
 """
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -19,6 +21,7 @@ from timing import best_time
 from kaojax import geometry, losses
 from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.models.kaolrm import KaoLRM, kaolrm_config
+from kaojax.models.lrm import with_runtime_options
 from kaojax.train.optimizer import make_optimizer
 from kaojax.train.step import create_state, make_train_step
 
@@ -47,10 +50,11 @@ def random_batch(batch, views, source, render, seed=0):
   }
 
 
-def measure(preset, repeats):
+def measure(preset, repeats, remat=False):
   batch_size, views, source, render, samples, capacity = SETTINGS[preset]
-  model = KaoLRM(kaolrm_config(preset, num_samples=samples), make_synthetic_flame(),
-                 nnx.Rngs(0))
+  cfg = kaolrm_config(preset, num_samples=samples)
+  cfg = dataclasses.replace(cfg, lrm=with_runtime_options(cfg.lrm, remat=remat))
+  model = KaoLRM(cfg, make_synthetic_flame(), nnx.Rngs(0))
   tx = make_optimizer(1e-4, 10, 1000)
   graphdef, state = create_state(model, tx)
   batch = random_batch(batch_size, views, source, render)
@@ -86,10 +90,12 @@ def main():
   parser.add_argument("--quick", action="store_true", help="tiny preset only")
   parser.add_argument("--presets", default="tiny,base")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--remat", action="store_true", help="config.model.remat=True")
   args = parser.parse_args()
   presets = ["tiny"] if args.quick else args.presets.split(",")
-  results = {p: measure(p, args.repeats if p == "tiny" else 1) for p in presets}
+  results = {p: measure(p, args.repeats if p == "tiny" else 1, args.remat) for p in presets}
   print(json.dumps({"benchmark": "kaolrm_train_step", "device": jax.devices()[0].platform,
+                    "remat": args.remat,
                     **{f"{p}_{k}": round(v, 4) for p, r in results.items()
                        for k, v in r.items()}}))
 

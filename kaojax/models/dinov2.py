@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kaojax.models.remat import remat_call
 from kaojax.sharding import EMBED, HEADS, MLP, param_init
 
 
@@ -167,7 +168,7 @@ class Dinov2(nnx.Module):
   def run_blocks(self, x):
     for block in self.blocks:
       if self.cfg.remat:
-        x = nnx.remat(lambda blk, h: blk(h))(block, x)
+        x = remat_call(block, x)
       else:
         x = block(x)
     return x

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from kaojax.models.dinov2 import Dinov2, Dinov2Config, dot_product_attention, layer_norm, linear
+from kaojax.models.remat import remat_call
 from kaojax.sharding import COND, EMBED, HEADS, MLP, param_init
 
 
@@ -218,7 +219,7 @@ class TriplaneTransformer(nnx.Module):
     outs = []
     for layer in self.layers:
       if self.cfg.remat:
-        x = nnx.remat(lambda blk, h, t, c: blk(h, t, c))(layer, x, image_tokens, cond)
+        x = remat_call(layer, x, image_tokens, cond)
       else:
         x = layer(x, image_tokens, cond)
       outs.append(x)
