@@ -139,7 +139,6 @@ def load_model(directory: PathLike, flame=None, efficient_attention: Optional[bo
   if unknown:
     raise TypeError(f"load_model: unknown options {unknown} (KaoLRM options: "
                     f"{KAOLRM_RUNTIME_FIELDS})")
-  import orbax.checkpoint as ocp
   from kaojax.models.kaolrm import FlameBuffer, KaoLRM, KaoLRMConfig
   from kaojax.models.lrm import LRMConfig, OpenLRM, with_runtime_options
   directory = pathlib.Path(directory).absolute()
@@ -160,10 +159,17 @@ def load_model(directory: PathLike, flame=None, efficient_attention: Optional[bo
     cfg = with_runtime_options(config_from_dict(LRMConfig, meta["config"], source),
                                efficient_attention, remat, dtype)
     model = nnx.eval_shape(lambda: OpenLRM(cfg, nnx.Rngs(0)))
+  return restore_params(model, directory / PARAMS_DIR)
+
+
+def restore_params(model, params_dir: PathLike):
+  """Fill the nnx.Param leaves of `model` (e.g. built with nnx.eval_shape) from
+  the Orbax checkpoint at `params_dir`; returns the model."""
+  import orbax.checkpoint as ocp
   state = nnx.state(model, nnx.Param)
   target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                         nnx.to_pure_dict(state))
-  restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
+  restored = ocp.StandardCheckpointer().restore(pathlib.Path(params_dir), target)
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(model, state)
   return model

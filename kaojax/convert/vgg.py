@@ -23,11 +23,10 @@ import pathlib
 import re
 from typing import Mapping, Optional, Union
 
-import jax
 import numpy as np
 from flax import nnx
 
-from kaojax.convert.checkpoint import META_FILE, PARAMS_DIR
+from kaojax.convert.checkpoint import META_FILE, PARAMS_DIR, restore_params
 from kaojax.convert.torch_state import (CheckpointError, StateMapping, assign_state,
                                         conv_kernel_hwio, param_shapes, read_state_dict)
 from kaojax.losses.perceptual import LPIPS
@@ -129,7 +128,6 @@ def save_lpips(directory: PathLike, model: LPIPS, overwrite: bool = False) -> pa
 
 def load_lpips(directory: PathLike) -> LPIPS:
   """The LPIPS network of a directory written by `save_lpips` / this module's CLI."""
-  import orbax.checkpoint as ocp
   directory = pathlib.Path(directory).absolute()
   path = directory / META_FILE
   if not path.is_file():
@@ -141,13 +139,7 @@ def load_lpips(directory: PathLike) -> LPIPS:
                      f"expected {KIND!r} format {FORMAT}")
   widths = tuple(tuple(b) for b in meta["config"]["widths"])
   model = nnx.eval_shape(lambda: LPIPS(nnx.Rngs(0), widths))
-  state = nnx.state(model, nnx.Param)
-  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                        nnx.to_pure_dict(state))
-  restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
-  nnx.replace_by_pure_dict(state, restored)
-  nnx.update(model, state)
-  return model
+  return restore_params(model, directory / PARAMS_DIR)
 
 
 def convert(vgg: PathLike, out: PathLike, lin: Optional[PathLike] = None,
