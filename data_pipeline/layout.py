@@ -17,6 +17,7 @@ Splits: `root/{split}.json` holds a list of uids; without it every subject is us
 
 import json
 import pathlib
+import threading
 
 import numpy as np
 from PIL import Image
@@ -54,6 +55,25 @@ def read_png(path, channels: int = 4):
   return array.reshape(array.shape[:2] + (channels,))
 
 
+# np.load parses each .npy header with ast.literal_eval, and CPython 3.11's AST
+# constructor keeps its recursion counter in state shared by all threads: parses in
+# two threads at once can fail with a spurious "SystemError: AST constructor recursion
+# depth mismatch" (python/cpython#106905). The loader threads take this lock, and a
+# parse that still collides with another thread's is retried.
+_NPY_LOCK = threading.Lock()
+_NPY_ATTEMPTS = 3
+
+
+def _load_npy(path):
+  for attempt in range(_NPY_ATTEMPTS):
+    try:
+      with _NPY_LOCK:
+        return np.load(path, allow_pickle=False)
+    except SystemError:
+      if attempt == _NPY_ATTEMPTS - 1:
+        raise
+
+
 def read_npy(path, shape=None):
   """Loads an .npy array (never pickles), checking its shape where given
   (None entries match any size)."""
@@ -61,7 +81,7 @@ def read_npy(path, shape=None):
   if not path.is_file():
     raise DatasetError(f"missing array {path}")
   try:
-    array = np.load(path, allow_pickle=False)
+    array = _load_npy(path)
   except (OSError, ValueError, EOFError) as err:
     raise DatasetError(f"unreadable array {path}: {err}") from err
   if shape is not None and (array.ndim != len(shape) or any(

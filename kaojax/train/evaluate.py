@@ -3,8 +3,10 @@
 Metrics (keys as written to metrics.jsonl, all prefixed `eval/`):
   landmark_error_px   mean 2D distance (render pixels) between the projected
                       predicted 68 landmarks and the ground truth, over valid views
+                      and every source-view set
   psnr                PSNR of the surfel re-render of the source view (white
-                      background) against the source image
+                      background) against the source image, over every
+                      source-view set
   vertex_error        mean vertex distance to the ground-truth mesh after a
                       similarity (Umeyama) alignment, in the dataset's units
                       (synthetic data: the head normalised into [-1, 1]^3); only
@@ -100,8 +102,8 @@ def evaluate(eval_step, params, rest, eval_set: EvalSet, key):
   outs = [jax.device_get(eval_step(params, rest, batch, key)) for batch in eval_set.batches]
   first = outs[0]
   metrics = {
-      "eval/landmark_error_px": float(np.mean(first["landmark_error_px"])),
-      "eval/psnr": float(np.mean(first["psnr"])),
+      "eval/landmark_error_px": float(np.mean([o["landmark_error_px"] for o in outs])),
+      "eval/psnr": float(np.mean([o["psnr"] for o in outs])),
   }
   if len(outs) > 1:
     shapes = np.stack([o["shape"] for o in outs])

@@ -128,3 +128,24 @@ def test_monocular_sample(tmp_path):
   np.testing.assert_allclose(sample["landmarks"], np.full((1, 68, 2), 4.0))
   assert sample["Ks"][0, 0, 0] == pytest.approx(4.0 * 16)
   assert json.loads(json.dumps(layout.read_split(tmp_path, "train", monocular=True))) == ["a", "b"]
+
+
+def test_npy_reads_survive_cpythons_spurious_ast_error(tmp_path, monkeypatch):
+  """python/cpython#106905: np.load's header parse can raise a spurious SystemError
+  when another thread parses at the same time; read_npy retries it."""
+  np.save(tmp_path / "a.npy", np.arange(6.0).reshape(2, 3))
+  real_load, failures = np.load, []
+
+  def flaky_load(*args, **kwargs):
+    if len(failures) < 2:
+      failures.append(1)
+      raise SystemError("AST constructor recursion depth mismatch (before=75, after=71)")
+    return real_load(*args, **kwargs)
+
+  monkeypatch.setattr(np, "load", flaky_load)
+  np.testing.assert_array_equal(layout.read_npy(tmp_path / "a.npy", (2, 3)),
+                                np.arange(6.0).reshape(2, 3))
+  failures.clear()
+  monkeypatch.setattr(layout, "_NPY_ATTEMPTS", 2)
+  with pytest.raises(SystemError):
+    layout.read_npy(tmp_path / "a.npy")
