@@ -84,7 +84,7 @@ def torch_lpips():
   return net, made[0].state_dict(), lin_path
 
 
-def _images(seed, shape=(2, 32, 40, 3)):
+def _images(seed, shape=(3, 64, 48, 3)):
   rng = np.random.default_rng(seed)
   a = rng.uniform(size=shape).astype(np.float32)
   b = np.clip(a + 0.2 * rng.normal(size=shape), 0, 1).astype(np.float32)
