@@ -97,7 +97,7 @@ def loss_terms(model, out, renders, batch, terms, perceptual=None) -> dict:
       "lpips": lambda: losses.lpips_loss(perceptual, surfels["color"], batch["target_rgb"]),
       "landmark": lambda: losses.landmark_loss(
           project_landmarks(out.landmarks, batch["viewmats"], batch["Ks"]),
-          batch["landmarks"]),
+          batch["landmarks"], render_size=batch["target_rgb"].shape[-2]),
       "shape_reg": lambda: losses.squared_norm(out.flame.shape),
       "expression_reg": lambda: losses.squared_norm(out.flame.expression),
       "mask": lambda: losses.mask_l1(surfels["alpha"], batch["target_alpha"]),

@@ -82,6 +82,20 @@ def test_landmark_loss_matches_torch_huber_with_invalid_views_skipped():
   assert float(losses.landmark_loss(jnp.asarray(pred), jnp.zeros_like(target))) == 0.0
 
 
+def test_landmark_loss_is_measured_in_reference_render_pixels():
+  # The same projected landmarks in a 32 px and in the reference 192 px render give
+  # the same loss (Huber delta included): the term keeps its weight at any size.
+  rng = np.random.default_rng(16)
+  target = rng.uniform(1, 31, size=(3, 68, 2)).astype(np.float32)
+  pred = (target + rng.normal(scale=0.3, size=target.shape)).astype(np.float32)
+  scale = losses.landmarks.REFERENCE_RENDER_SIZE / 32
+  small = losses.landmark_loss(jnp.asarray(pred), jnp.asarray(target), render_size=32)
+  reference = losses.landmark_loss(jnp.asarray(pred * scale), jnp.asarray(target * scale))
+  assert float(small) == pytest.approx(float(reference), rel=1e-5)
+  # Errors of 0.3 px at 32 px are 1.8 px at 192 px: past the Huber knee, not below it.
+  assert float(small) > 2 * float(losses.landmark_loss(jnp.asarray(pred), jnp.asarray(target)))
+
+
 def test_binding_and_regularisers_closed_form():
   rng = np.random.default_rng(7)
   d1, d2 = rng.uniform(1, 3, size=(2, 2, 6, 5))
