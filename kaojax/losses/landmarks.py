@@ -25,10 +25,9 @@ def landmark_loss(pred, target, delta: float = 1.0, render_size: int = REFERENCE
   render. A view whose target has any coordinate <= 0 (no detection) is skipped;
   with no valid view the loss is 0.
   """
-  to_reference = REFERENCE_RENDER_SIZE / render_size
-  pred, target = pred * to_reference, target * to_reference
   valid = jnp.all(target > 0, axis=(-2, -1)).astype(pred.dtype)  # [...]
-  err = huber(pred - target, delta) * valid[..., None, None]
+  to_reference = REFERENCE_RENDER_SIZE / render_size
+  err = huber((pred - target) * to_reference, delta) * valid[..., None, None]
   n_valid = jnp.sum(valid)
   total = 0.0
   for start, stop in LANDMARK_SUBSETS:
