@@ -20,16 +20,18 @@ from flax import nnx
 from timing import best_time
 from kaojax import geometry, losses
 from kaojax.flame.synthetic import make_synthetic_flame
-from kaojax.models.kaolrm import KaoLRM, kaolrm_config
+from kaojax.models.kaolrm import KaoLRM, RenderTiling, kaolrm_config
 from kaojax.models.lrm import with_runtime_options
 from kaojax.train.optimizer import make_optimizer
 from kaojax.train.step import create_state, make_train_step
 
-# preset -> (batch, views, source size, render size, surface samples, tile capacity)
+# preset -> (batch, views, source size, render size, surface samples, tile settings);
+# tiny as configs/kaolrm_common.tiny_overrides.
 SETTINGS = {
-    "tiny": (4, 4, 56, 32, 512, 256),
-    "small": (1, 4, 224, 192, 8000, None),
-    "base": (1, 4, 224, 192, 8000, None),
+    "tiny": (4, 4, 56, 32, 256, RenderTiling(surfel_capacity=64, mesh_capacity=2048,
+                                             mesh_tile_size=4)),
+    "small": (1, 4, 224, 192, 8000, RenderTiling()),
+    "base": (1, 4, 224, 192, 8000, RenderTiling()),
 }
 
 
@@ -51,7 +53,7 @@ def random_batch(batch, views, source, render, seed=0):
 
 
 def measure(preset, repeats, remat=False):
-  batch_size, views, source, render, samples, capacity = SETTINGS[preset]
+  batch_size, views, source, render, samples, tiling = SETTINGS[preset]
   cfg = kaolrm_config(preset, num_samples=samples)
   cfg = dataclasses.replace(cfg, lrm=with_runtime_options(cfg.lrm, remat=remat))
   model = KaoLRM(cfg, make_synthetic_flame(), nnx.Rngs(0))
@@ -62,7 +64,7 @@ def measure(preset, repeats, remat=False):
   result = {}
   for stage in (1, 2):
     step = jax.jit(make_train_step(graphdef, tx, losses.stage_weights(stage, overrides={
-        "lpips": 0}), 0.75, (capacity, None)))
+        "lpips": 0}), 0.75, tiling))
     seconds = best_time(lambda: jax.block_until_ready(step(state, batch, key)[1]["loss"]),
                         repeats)
     result[f"stage{stage}_step_s"] = seconds

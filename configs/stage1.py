@@ -12,7 +12,7 @@ def get_config(arg: str = ""):
   config.num_epochs = 5
   config.stage1_epochs = 5
   if arg == "tiny":
-    kaolrm_common.tiny_overrides(config, stage1_steps=1200, stage2_steps=0)
+    kaolrm_common.tiny_overrides(config, stage1_steps=4400, stage2_steps=0)
   elif arg:
     raise ValueError(f"unknown preset {arg!r} (known: tiny)")
   return config

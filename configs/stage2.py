@@ -14,7 +14,7 @@ from configs import kaolrm_common
 def get_config(arg: str = ""):
   config = kaolrm_common.base_config()
   if arg == "tiny":
-    kaolrm_common.tiny_overrides(config, stage1_steps=1200, stage2_steps=150)
+    kaolrm_common.tiny_overrides(config, stage1_steps=4400, stage2_steps=150)
   elif arg:
     raise ValueError(f"unknown preset {arg!r} (known: tiny)")
   return config

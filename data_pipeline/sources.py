@@ -18,6 +18,7 @@ by the next subject, so a run never stops for one bad file.
 """
 
 import dataclasses
+import functools
 import pathlib
 
 import grain
@@ -57,19 +58,43 @@ def normalize_poses(c2w):
   return CANONICAL_C2W @ np.linalg.inv(c2w[0]) @ c2w
 
 
+@functools.lru_cache(maxsize=64)
+def _resize_weights(size_in: int, size_out: int) -> np.ndarray:
+  """[size_out, size_in]: PIL's antialiased bilinear resize along one axis, read off
+  by resizing the rows of an identity image (the height is kept, so row i becomes
+  the weights of input pixel i)."""
+  eye = Image.fromarray(np.eye(size_in, dtype=np.float32), "F")
+  return np.asarray(eye.resize((size_out, size_in), Image.BILINEAR)).T.copy()
+
+
 def resize(image, size: int):
-  """[H, W, C] float -> [size, size, C] (antialiased bilinear, per channel)."""
-  if image.shape[0] == size and image.shape[1] == size:
-    return image.astype(np.float32)
-  channels = [np.asarray(Image.fromarray(image[..., c].astype(np.float32), "F")
-                         .resize((size, size), Image.BILINEAR))
-              for c in range(image.shape[-1])]
-  return np.stack(channels, -1)
+  """[..., H, W, C] float -> [..., size, size, C]: PIL's antialiased bilinear resize
+  of each channel, as one separable matrix product per axis."""
+  image = np.asarray(image, np.float32)
+  height, width = image.shape[-3:-1]
+  if height == size and width == size:
+    return image
+  rows, cols = _resize_weights(height, size), _resize_weights(width, size)
+  return np.einsum("oh,...hwc,pw->...opc", rows, image, cols, optimize=True)
 
 
 def composite(rgba, background):
-  """[H, W, 4] -> [H, W, 3] over a constant background."""
+  """[..., 4] -> [..., 3] over a constant background."""
   return rgba[..., :3] * rgba[..., 3:] + np.asarray(background, np.float32) * (1 - rgba[..., 3:])
+
+
+def premultiply(rgba):
+  """[..., 4] RGBA -> [..., 4] (rgb * alpha, alpha): the form that resizes exactly
+  like composites do (resizing is linear and keeps constants)."""
+  return np.concatenate([rgba[..., :3] * rgba[..., 3:], rgba[..., 3:]], -1)
+
+
+def composite_premultiplied(premultiplied, background):
+  """[..., 4] premultiplied RGBA -> ([..., 3] over a constant background, [...] alpha);
+  composite_premultiplied(resize(premultiply(x))) == resize(composite(x)), resize(alpha)."""
+  alpha = premultiplied[..., 3:]
+  rgb = premultiplied[..., :3] + np.asarray(background, np.float32) * (1 - alpha)
+  return rgb, alpha[..., 0]
 
 
 def scaled_intrinsics(K, width, height, size):
@@ -78,39 +103,64 @@ def scaled_intrinsics(K, width, height, size):
   return (K * scale).astype(np.float32)
 
 
-def load_multiview(subject_dir, rng: np.random.Generator, cfg: PipelineConfig):
-  """One training sample from a multi-view subject folder (see module doc)."""
+class MultiviewReader:
+  """Reads multi-view subjects: each subject's metadata (checked), and each view as
+  premultiplied RGBA resized to a given size, with its camera.
+  cache_views > 0 keeps that many resized views (and their subjects' metadata) in
+  memory, so that a small dataset is decoded once; 0 reads the files every time."""
+
+  def __init__(self, cache_views: int = 0):
+    if cache_views > 0:
+      self.meta = functools.lru_cache(maxsize=cache_views)(self.meta)
+      self.view = functools.lru_cache(maxsize=cache_views)(self.view)
+
+  def meta(self, subject_dir: pathlib.Path):
+    """-> (number of views, K [3, 3], image size, landmarks [views, 68, 2])."""
+    total = layout.num_views(subject_dir)
+    K, width, height, landmarks = layout.read_multiview_meta(subject_dir)
+    if landmarks.shape[0] != total:
+      raise layout.DatasetError(f"{subject_dir}/lmks2d.npy has {landmarks.shape[0]} "
+                                f"views, the subject has {total}")
+    if width != height:
+      raise layout.DatasetError(f"{subject_dir}: images must be square, got {width}x{height}")
+    return total, K, width, landmarks
+
+  def view(self, subject_dir: pathlib.Path, index: int, size: int):
+    """-> (premultiplied RGBA [size, size, 4], c2w [4, 4]) of view `index`."""
+    image_size = self.meta(subject_dir)[2]
+    rgba, c2w = layout.read_multiview_view(subject_dir, index)
+    if rgba.shape[:2] != (image_size, image_size):
+      raise layout.DatasetError(f"{subject_dir}/rgba/{layout.view_name(index)}.png is "
+                                f"{rgba.shape[1]}x{rgba.shape[0]}, intrinsics say "
+                                f"{image_size}x{image_size}")
+    return resize(premultiply(rgba), size), c2w
+
+
+def load_multiview(subject_dir, rng: np.random.Generator, cfg: PipelineConfig,
+                   reader: MultiviewReader | None = None):
+  """One training sample from a multi-view subject folder (see module doc); reader:
+  where the files come from (default: read every time)."""
   subject_dir = pathlib.Path(subject_dir)
-  total = layout.num_views(subject_dir)
+  reader = reader or MultiviewReader()
+  total, K, image_size, landmarks = reader.meta(subject_dir)
   if total < cfg.num_views:
     raise layout.DatasetError(f"{subject_dir} has {total} views, need {cfg.num_views}")
-  K, width, height, landmarks = layout.read_multiview_meta(subject_dir)
-  if landmarks.shape[0] != total:
-    raise layout.DatasetError(f"{subject_dir}/lmks2d.npy has {landmarks.shape[0]} "
-                              f"views, the subject has {total}")
-  if width != height:
-    raise layout.DatasetError(f"{subject_dir}: images must be square, got {width}x{height}")
-  views = rng.choice(total, cfg.num_views, replace=False)
-  rgba, c2w = zip(*(layout.read_multiview_view(subject_dir, int(v)) for v in views))
-  for v, image in zip(views, rgba):
-    if image.shape[:2] != (height, width):
-      raise layout.DatasetError(f"{subject_dir}/rgba/{layout.view_name(v)}.png is "
-                                f"{image.shape[1]}x{image.shape[0]}, intrinsics say "
-                                f"{width}x{height}")
+  views = [int(v) for v in rng.choice(total, cfg.num_views, replace=False)]
+  targets, c2w = zip(*(reader.view(subject_dir, v, cfg.render_size) for v in views))
+  source = reader.view(subject_dir, views[0], cfg.source_size)[0]
   background = np.full(3, rng.choice(BACKGROUNDS) if cfg.random_background else 1.0,
                        np.float32)
+  target_rgb, target_alpha = composite_premultiplied(np.stack(targets), background)
   c2w = normalize_poses(np.stack(c2w))
-  scale = cfg.render_size / width
   return {
-      "source": resize(composite(rgba[0], 1.0), cfg.source_size),
+      "source": composite_premultiplied(source, 1.0)[0],
       "source_camera": source_camera_vector(),
-      "target_rgb": np.stack([resize(composite(r, background), cfg.render_size)
-                              for r in rgba]),
-      "target_alpha": np.stack([resize(r[..., 3:], cfg.render_size)[..., 0] for r in rgba]),
+      "target_rgb": target_rgb,
+      "target_alpha": target_alpha,
       "viewmats": np.linalg.inv(c2w).astype(np.float32),
-      "Ks": np.broadcast_to(scaled_intrinsics(K, width, height, cfg.render_size),
+      "Ks": np.broadcast_to(scaled_intrinsics(K, image_size, image_size, cfg.render_size),
                             (cfg.num_views, 3, 3)).copy(),
-      "landmarks": (landmarks[views] * scale).astype(np.float32),
+      "landmarks": (landmarks[views] * (cfg.render_size / image_size)).astype(np.float32),
       "background": background,
   }
 
@@ -162,10 +212,13 @@ class SkippingLoader:
                               f"from index {index}; is the dataset path right?")
 
 
-def multiview_loader(root, split: str, cfg: PipelineConfig):
+def multiview_loader(root, split: str, cfg: PipelineConfig, cache_views: int = 0):
+  """cache_views: resized views kept in memory (see MultiviewReader)."""
   uids = layout.read_split(root, split)
   root = pathlib.Path(root)
-  return SkippingLoader(lambda i, rng: load_multiview(root / uids[i], rng, cfg), len(uids))
+  reader = MultiviewReader(cache_views)
+  return SkippingLoader(lambda i, rng: load_multiview(root / uids[i], rng, cfg, reader),
+                        len(uids))
 
 
 def monocular_loader(root, split: str, synth_focal: float, cfg: PipelineConfig):

@@ -15,6 +15,7 @@ of each subject).
 """
 
 import argparse
+import functools
 import pathlib
 
 import jax
@@ -94,15 +95,33 @@ def vertex_albedo(rng, vertices, landmarks, masks):
   return np.clip(colors, 0, 1).astype(np.float32)
 
 
-def make_renderer(faces, size: int):
-  """jitted (vertices [V,3], colours [V,3], viewmats [N,4,4], K [3,3], light [3])
-  -> (rgba [N,H,W,4], facial mask source data: face_id [N,H,W], mask [N,H,W])."""
-  from kaojax.render import rasterize_mesh  # pylint: disable=import-outside-toplevel
-  faces = jnp.asarray(faces)
+class SubjectRenderer:
+  """(vertices [V,3], colours [V,3], viewmats [N,4,4], K [3,3], light [3]) ->
+  (rgba [N,H,W,4], facial mask source data: face_id [N,H,W], mask [N,H,W]), exact:
+  the mesh rasterizer's per-tile capacity is doubled until no face is dropped."""
 
-  @jax.jit
-  def render(vertices, colors, viewmats, K, light):
-    maps = rasterize_mesh(vertices, faces, viewmats, K, size, size)
+  def __init__(self, faces, size: int, tile_capacity: int = 2048):
+    self.faces, self.size, self.capacity = jnp.asarray(faces), size, tile_capacity
+    # Tiles of 1/16 of the image side (4 px at least): the head fills the image,
+    # so a tile sees a few hundred faces of its front and back surfaces.
+    self.tile_size = max(4, size // 16)
+    self._jitted = {}
+
+  def __call__(self, *args):
+    while True:
+      if self.capacity not in self._jitted:
+        self._jitted[self.capacity] = jax.jit(functools.partial(self._render,
+                                                                capacity=self.capacity))
+      *outputs, overflow = (np.asarray(a) for a in self._jitted[self.capacity](*args))
+      if not overflow.any() or self.capacity >= len(self.faces):
+        return outputs
+      self.capacity *= 2
+
+  def _render(self, vertices, colors, viewmats, K, light, capacity):
+    from kaojax.render import rasterize_mesh  # pylint: disable=import-outside-toplevel
+    faces, size = self.faces, self.size
+    maps = rasterize_mesh(vertices, faces, viewmats, K, size, size, tile_size=self.tile_size,
+                          tile_capacity=capacity)
     tri = faces[maps["face_id"]]                                  # [N, H, W, 3]
     albedo = jnp.einsum("...k,...kc->...c", maps["bary"], colors[tri])
     world_normals = geometry.vertex_normals(vertices, faces)
@@ -112,9 +131,7 @@ def make_renderer(faces, size: int):
     mask = maps["mask"]
     rgb = jnp.where(mask[..., None], albedo * shade[..., None], 0.0)
     rgba = jnp.concatenate([rgb, mask[..., None].astype(rgb.dtype)], -1)
-    return rgba, maps["face_id"], mask
-
-  return render
+    return rgba, maps["face_id"], mask, maps["overflow"]
 
 
 def generate(out, num_subjects: int, num_views: int = 32, image_size: int = 128,
@@ -125,7 +142,7 @@ def generate(out, num_subjects: int, num_views: int = 32, image_size: int = 128,
   out = pathlib.Path(out)
   flame, masks = load_generator_flame(flame_path, seed)
   forward = jax.jit(lambda s, e, p: flame(s[None], e[None], p[None]))
-  render = make_renderer(flame.faces, image_size)
+  render = SubjectRenderer(flame.faces, image_size)
   K = np.array([[FOCAL * image_size, 0, image_size / 2],
                 [0, FOCAL * image_size, image_size / 2], [0, 0, 1]], np.float32)
   face_mask = np.asarray(flame.face_mask)
@@ -146,9 +163,9 @@ def generate(out, num_subjects: int, num_views: int = 32, image_size: int = 128,
     viewmats = np.linalg.inv(c2w)
     light = rng.normal(size=3) * 0.4 + [0.0, 0.3, 1.0]
     light = (light / np.linalg.norm(light)).astype(np.float32)
-    rgba, face_id, mask = (np.asarray(a) for a in render(
+    rgba, face_id, mask = render(
         jnp.asarray(vertices), jnp.asarray(colors), jnp.asarray(viewmats, jnp.float32),
-        jnp.asarray(K), jnp.asarray(light)))
+        jnp.asarray(K), jnp.asarray(light))
     pixels, _ = geometry.project_points(jnp.asarray(landmarks3d), jnp.asarray(viewmats),
                                         jnp.asarray(K))
     pixels = np.asarray(pixels, np.float32)

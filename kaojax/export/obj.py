@@ -14,16 +14,16 @@ def write_obj(path, vertices, faces, colors=None) -> pathlib.Path:
     raise ValueError(f"vertices must be [V, 3], got {vertices.shape}")
   if faces.ndim != 2 or faces.shape[1] != 3:
     raise ValueError(f"faces must be [F, 3], got {faces.shape}")
-  lines = []
   if colors is None:
-    lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices]
+    rows, row = vertices, "v %.6f %.6f %.6f\n"
   else:
-    colors = np.asarray(colors, np.float64)
-    lines += [f"v {x:.6f} {y:.6f} {z:.6f} {r:.4f} {g:.4f} {b:.4f}"
-              for (x, y, z), (r, g, b) in zip(vertices, colors)]
-  lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
+    rows = np.concatenate([vertices, np.asarray(colors, np.float64)], 1)
+    row = "v %.6f %.6f %.6f %.4f %.4f %.4f\n"
+  # One formatting call per block: a few times faster than an f-string per line.
+  text = (row * len(rows)) % tuple(rows.ravel().tolist()) + (
+      ("f %d %d %d\n" * len(faces)) % tuple((faces + 1).ravel().tolist()))
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("\n".join(lines) + "\n")
+  path.write_text(text)
   return path
 
 

@@ -15,6 +15,8 @@ flame_dynamic_embedding.npy (RingNet/smplx), landmark_embedding.npz (DECA keys),
 FLAME_masks.pkl.
 """
 
+import copy
+import functools
 import pathlib
 import pickle
 
@@ -160,34 +162,43 @@ def _closest_surface_point(vertices, faces, targets):
   return np.array(out_f, np.int64), np.array(out_b, np.float32)
 
 
-def _surface_point_towards(vertices, faces, origin, direction):
-  """Where the ray origin + s * direction (s > 0) leaves the head: (face, bary)."""
+def _surface_points_towards(vertices, faces, origins, directions, chunk: int = 64):
+  """Where each ray origins[r] + s * directions[r] (s > 0) leaves the head.
+  origins, directions [R, 3] -> (faces [R] int64, bary [R, 3] float32)."""
   tri = vertices[faces]
-  a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
-  e1, e2 = b - a, c - a
-  h = np.cross(direction, e2)
-  det = np.sum(e1 * h, -1)
-  safe = np.where(np.abs(det) > 1e-12, det, 1.0)
-  s = origin - a
-  u = np.sum(s * h, -1) / safe
-  q = np.cross(s, e1)
-  v = np.sum(direction * q, -1) / safe
-  dist = np.sum(e2 * q, -1) / safe
-  hit = (np.abs(det) > 1e-12) & (u >= 0) & (v >= 0) & (u + v <= 1) & (dist > 0)
-  if not hit.any():
-    raise ValueError(f"no surface along {direction} from {origin}")
-  dist = np.where(hit, dist, -np.inf)
-  best = int(np.argmax(dist))
-  return best, np.array([1 - u[best] - v[best], u[best], v[best]], np.float32)
+  a, e1, e2 = tri[:, 0], tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]   # [F, 3]
+  out_f, out_b = [], []
+  for start in range(0, len(origins), chunk):
+    o = origins[start:start + chunk, None]                             # [r, 1, 3]
+    d = directions[start:start + chunk, None]
+    h = np.cross(d, e2)                                                # [r, F, 3]
+    det = np.sum(e1 * h, -1)
+    safe = np.where(np.abs(det) > 1e-12, det, 1.0)
+    s = o - a
+    u = np.sum(s * h, -1) / safe
+    q = np.cross(s, e1)
+    v = np.sum(d * q, -1) / safe
+    dist = np.sum(e2 * q, -1) / safe
+    hit = (np.abs(det) > 1e-12) & (u >= 0) & (v >= 0) & (u + v <= 1) & (dist > 0)
+    missed = ~hit.any(-1)
+    if missed.any():
+      r = int(np.argmax(missed))
+      raise ValueError(f"no surface along {d[r, 0]} from {o[r, 0]}")
+    best = np.argmax(np.where(hit, dist, -np.inf), -1)
+    rows = np.arange(len(best))
+    ub, vb = u[rows, best], v[rows, best]
+    out_f.append(best.astype(np.int64))
+    out_b.append(np.stack([1 - ub - vb, ub, vb], -1).astype(np.float32))
+  return np.concatenate(out_f), np.concatenate(out_b)
 
 
 def _landmarks(vertices, faces, lip_edges):
   """DECA-layout landmark embedding for the synthetic head."""
   def on_face(points2d):
     # Project (x, y) points onto the front of the face along -z.
-    out = [_surface_point_towards(vertices, faces, np.array([x, y, 0.0]),
-                                  np.array([0.0, 0.0, 1.0])) for x, y in points2d]
-    return np.array([f for f, _ in out], np.int64), np.stack([b for _, b in out])
+    origins = np.array([[x, y, 0.0] for x, y in points2d])
+    return _surface_points_towards(vertices, faces, origins,
+                                   np.broadcast_to([0.0, 0.0, 1.0], origins.shape))
 
   brows = [(x, 0.040 - 0.00045 * (abs(x) * 1000 - 30) ** 2 / 10) for x in
            (-0.058, -0.048, -0.037, -0.026, -0.014, 0.014, 0.026, 0.037, 0.048, 0.058)]
@@ -218,13 +229,9 @@ def _landmarks(vertices, faces, lip_edges):
     # left ear (+x); a turned head shows a contour shifted by half the yaw.
     angles = np.deg2rad(np.clip(np.linspace(-80, 80, 17) - 0.5 * shift_deg, -88, 88))
     heights = -0.010 - 0.068 * np.cos(np.linspace(-np.pi / 2, np.pi / 2, 17)) ** 1.5
-    fs, bs = [], []
-    for ang, h in zip(angles, heights):
-      f, b = _surface_point_towards(vertices, faces, np.array([0.0, h, -0.01]),
-                                    np.array([np.sin(ang), 0.0, np.cos(ang)]))
-      fs.append(f)
-      bs.append(b)
-    return np.array(fs, np.int64), np.stack(bs)
+    origins = np.stack([np.zeros(17), heights, np.full(17, -0.01)], -1)
+    directions = np.stack([np.sin(angles), np.zeros(17), np.cos(angles)], -1)
+    return _surface_points_towards(vertices, faces, origins, directions)
 
   yaws = list(range(0, 40)) + [-a for a in range(1, 40)]  # row r <-> bin r
   dyn = [contour(a) for a in yaws]
@@ -268,7 +275,13 @@ def _masks(v, ranges):
 
 def make_synthetic_flame_files(seed: int = 0) -> dict:
   """All synthetic FLAME data as plain numpy: {'model': official-key dict,
-  'landmarks': DECA-key dict, 'masks': region dict}. Deterministic in `seed`."""
+  'landmarks': DECA-key dict, 'masks': region dict}. Deterministic in `seed`; a
+  fresh copy of what the process built for that seed the first time (seconds)."""
+  return copy.deepcopy(_build_synthetic_flame_files(seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _build_synthetic_flame_files(seed: int) -> dict:
   rng = np.random.default_rng(seed)
   v, faces, ranges, lip_edges = _mesh()
   slit_y = 0.5 * (lip_edges[0][:, 1].mean() + lip_edges[1][:, 1].mean())

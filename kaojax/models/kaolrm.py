@@ -184,6 +184,30 @@ class KaoLRMOutput:
   bary: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class RenderTiling:
+  """Screen-tile settings of KaoLRM's renders (None: the renderer's default).
+  surfel_capacity / mesh_capacity: primitives kept per tile (the rest are dropped
+  and counted in the renders' `overflow`); mesh_tile_size: the mesh rasterizer's
+  tile side in pixels (smaller tiles test fewer faces per pixel: a dense mesh in a
+  small image needs them to fit the capacity)."""
+  surfel_capacity: int | None = None
+  mesh_capacity: int | None = None
+  mesh_tile_size: int | None = None
+
+  def surfel_options(self) -> dict:
+    return {} if self.surfel_capacity is None else {"tile_capacity": self.surfel_capacity}
+
+  def mesh_options(self) -> dict:
+    options = {} if self.mesh_capacity is None else {"tile_capacity": self.mesh_capacity}
+    if self.mesh_tile_size is not None:
+      options["tile_size"] = self.mesh_tile_size
+    return options
+
+
+DEFAULT_TILING = RenderTiling()
+
+
 class KaoLRM(nnx.Module):
 
   def __init__(self, cfg: KaoLRMConfig, flame: FlameModel, rngs: nnx.Rngs):
@@ -235,8 +259,7 @@ class KaoLRM(nnx.Module):
                         face_idx=face_idx, bary=bary)
 
   def render(self, out: KaoLRMOutput, viewmats, Ks, width: int, height: int, background=None,
-             mesh: bool = True, surfel_capacity: Optional[int] = None,
-             mesh_capacity: Optional[int] = None) -> dict:
+             mesh: bool = True, tiling: RenderTiling = DEFAULT_TILING) -> dict:
     """Renders the Gaussians as 2D surfels and (when `mesh`) the FLAME mesh.
 
     viewmats [B, V, 4, 4] OpenCV world-to-camera in the FLAME world; Ks [B, V, 3, 3]
@@ -244,16 +267,15 @@ class KaoLRM(nnx.Module):
     [B, V, H, W, 3], alpha, depth, normal (kaojax.render.rasterize_surfels), "mesh":
     dict depth, normal, mask, face_id, bary (kaojax.render.rasterize_mesh)}. Values
     are the renderers' own (no clamping); the renderer is imported here so that the
-    network can be built and trained without it. surfel_capacity / mesh_capacity:
-    the renderers' per-tile primitive budgets (None: their defaults).
+    network can be built and trained without it. tiling: the renderers' tile
+    settings.
     """
     from kaojax.render import rasterize_mesh, rasterize_surfels
-    option = lambda capacity: {} if capacity is None else {"tile_capacity": capacity}
     renders = {"surfels": rasterize_surfels(out.gaussians, viewmats, Ks, width, height,
-                                            background, **option(surfel_capacity))}
+                                            background, **tiling.surfel_options())}
     if mesh:
       renders["mesh"] = rasterize_mesh(out.vertices, self.flame_model.faces, viewmats, Ks,
-                                       width, height, **option(mesh_capacity))
+                                       width, height, **tiling.mesh_options())
     return renders
 
 

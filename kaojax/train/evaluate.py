@@ -26,6 +26,7 @@ import numpy as np
 
 from data_pipeline import layout, sources
 from kaojax import geometry
+from kaojax.models.kaolrm import DEFAULT_TILING, RenderTiling
 from kaojax.train.step import forward_and_render, project_landmarks
 
 
@@ -64,14 +65,13 @@ def psnr(a, b):
   return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
 
 
-def make_eval_step(graphdef, synth_focal: float, capacities=(None, None)):
+def make_eval_step(graphdef, synth_focal: float, tiling: RenderTiling = DEFAULT_TILING):
   """jit-able (params, rest, batch, key) -> dict of per-subject predictions/metrics."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   def eval_step(params, rest, batch, key):
     model = nnx.merge(graphdef, params, rest)
-    out, renders = forward_and_render(model, batch, key, synth_focal,
-                                      capacities=capacities)
+    out, renders = forward_and_render(model, batch, key, synth_focal, tiling=tiling)
     pred = project_landmarks(out.landmarks, batch["viewmats"], batch["Ks"])
     target = batch["landmarks"]
     valid = jnp.all(target > 0, axis=(-2, -1))

@@ -25,7 +25,7 @@ from data_pipeline import sources, synthetic
 from kaojax import losses, sharding
 from kaojax.flame.io import load_flame
 from kaojax.flame.synthetic import make_synthetic_flame
-from kaojax.models.kaolrm import KaoLRM, kaolrm_config
+from kaojax.models.kaolrm import DEFAULT_TILING, KaoLRM, RenderTiling, kaolrm_config
 from kaojax.models.lrm import with_runtime_options
 from kaojax.render import native as render_native
 from kaojax.train import evaluate as evaluation
@@ -88,7 +88,7 @@ def dataset_root(config, workdir) -> pathlib.Path:
 
 def make_loader(config, root, split, cfg):
   if config.data.kind == "multiview":
-    return sources.multiview_loader(root, split, cfg)
+    return sources.multiview_loader(root, split, cfg, config.data.cache_views)
   if config.data.kind == "monocular":
     return sources.monocular_loader(root, split, config.synth_focal, cfg)
   raise ValueError(f"config.data.kind must be 'multiview' or 'monocular', "
@@ -137,13 +137,13 @@ def place_state(state, mesh, tx):
 
 
 def compile_step(graphdef, tx, state, mesh, weights: dict, synth_focal: float,
-                 capacities=(None, None), perceptual=None):
+                 tiling: RenderTiling = DEFAULT_TILING, perceptual=None):
   """The jitted train step (state, batch, key) -> (state, metrics) for `state`'s
   shardings and batches split over `mesh`. perceptual: the LPIPS network when the
   "lpips" weight is not 0 (its parameters are replicated and passed as an argument)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  fn = make_train_step(graphdef, tx, weights, synth_focal, capacities, perceptual)
+  fn = make_train_step(graphdef, tx, weights, synth_focal, tiling, perceptual)
   if not weights.get("lpips"):
     return jax.jit(fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
                                      replicated),
@@ -231,7 +231,9 @@ def train_and_evaluate(config, workdir) -> dict:
 
   tx = make_optimizer(config.optim.lr, min(config.optim.warmup_steps, total_steps - 1),
                       total_steps, b1=config.optim.b1, b2=config.optim.b2,
-                      weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip)
+                      weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip,
+                      restart_step=stage1_steps if 0 < stage1_steps < total_steps else None,
+                      restart_lr=config.optim.stage2_lr)
   graphdef, state = create_state(model, tx)
   del model
   state = place_state(state, mesh, tx)
@@ -248,11 +250,12 @@ def train_and_evaluate(config, workdir) -> dict:
   start = int(state.step)
 
   data_sharding = sharding.batch_sharding(mesh)
-  capacities = (config.render.surfel_tile_capacity, config.render.mesh_tile_capacity)
+  tiling = RenderTiling(config.render.surfel_tile_capacity, config.render.mesh_tile_capacity,
+                        config.render.mesh_tile_size)
   steps = {stage: compile_step(graphdef, tx, state, mesh, weights[stage], config.synth_focal,
-                               capacities, perceptual)
+                               tiling, perceptual)
            for stage in (1, 2)}
-  eval_step = jax.jit(evaluation.make_eval_step(graphdef, config.synth_focal, capacities))
+  eval_step = jax.jit(evaluation.make_eval_step(graphdef, config.synth_focal, tiling))
   eval_set = None
   if config.eval_every > 0 and multiview:
     eval_set = evaluation.load_eval_set(root, "val", pipe, config.eval.max_subjects,

@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from kaojax import geometry, losses
-from kaojax.models.kaolrm import TRAINABLE, nearest_gaussians
+from kaojax.models.kaolrm import DEFAULT_TILING, TRAINABLE, RenderTiling, nearest_gaussians
 
 # KaoLRM's monocular mode renders the int(N / MONOCULAR_KEEP_DIVISOR) Gaussians
 # nearest the camera (those on the far side of the head are dropped).
@@ -60,10 +60,10 @@ def monocular_gaussians(out, viewmats):
 
 
 def forward_and_render(model, batch, key, synth_focal: float, mesh: bool = True,
-                       capacities=(None, None)):
+                       tiling: RenderTiling = DEFAULT_TILING):
   """-> (model output, renders) at the batch's target views: {"surfels": ...,
   "mesh": ...} as KaoLRM.render gives (without "mesh" when `mesh` is False).
-  capacities: the (surfel, mesh) renderers' per-tile budgets (None: default).
+  tiling: the renderers' tile settings.
   A monocular model (cfg.monocular) renders only the Gaussians nearest its camera
   (`monocular_gaussians`; the output holds those)."""
   out = model(batch["source"], batch["source_camera"], key, synth_focal=synth_focal)
@@ -74,8 +74,7 @@ def forward_and_render(model, batch, key, synth_focal: float, mesh: bool = True,
   size = batch["target_rgb"].shape[-2]
   background = batch["background"][:, None, :]
   return out, model.render(out, batch["viewmats"], batch["Ks"], size, size, background,
-                           mesh=mesh, surfel_capacity=capacities[0],
-                           mesh_capacity=capacities[1])
+                           mesh=mesh, tiling=tiling)
 
 
 # Terms that need the mesh renders (the surfels are always rendered).
@@ -124,11 +123,11 @@ def missing_perceptual_error(weight) -> ValueError:
 
 
 def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
-                    capacities=(None, None), perceptual=None):
+                    tiling: RenderTiling = DEFAULT_TILING, perceptual=None):
   """A jit-able (state, batch, key[, perceptual_state]) -> (state, metrics) for one
   loss-weight table. metrics: every active loss term, `loss`, `grad_norm` and
   `render_overflow` (mean number of (tile, primitive) pairs per view the renderers
-  dropped; raise the capacities when it is not 0).
+  dropped; raise the `tiling` capacities when it is not 0).
 
   perceptual: the LPIPS network (kaojax.convert.vgg.load_lpips), required when the
   "lpips" weight is not 0; its parameters are never trained. Pass its
@@ -147,7 +146,7 @@ def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
   def loss_fn(params, rest, batch, key, perceptual_state):
     model = nnx.merge(graphdef, params, rest)
     out, renders = forward_and_render(model, batch, key, synth_focal, mesh=need_mesh,
-                                      capacities=capacities)
+                                      tiling=tiling)
     net = (nnx.merge(perceptual_graph, jax.lax.stop_gradient(perceptual_state))
            if use_perceptual else None)
     terms = loss_terms(model, out, renders, batch, active, net)

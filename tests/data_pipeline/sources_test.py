@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_pipeline import layout, sources
 from kaojax import geometry
@@ -70,6 +71,22 @@ def test_multiview_sample(multiview_root):
   # background drawn is white; alpha stays in [0, 1].
   assert np.all((a["target_alpha"] >= 0) & (a["target_alpha"] <= 1))
   assert float(a["background"][0]) in sources.BACKGROUNDS
+
+
+def test_cached_views_give_the_same_samples_without_rereading(multiview_root):
+  plain = sources.multiview_loader(multiview_root, "train", CFG)
+  cached = sources.multiview_loader(multiview_root, "train", CFG, cache_views=64)
+  first = [cached(i, np.random.default_rng(i)) for i in range(4)]
+  for i in range(4):
+    expected = plain(i, np.random.default_rng(i))
+    for k in expected:
+      np.testing.assert_array_equal(first[i][k], expected[k])
+  for png in multiview_root.glob("*/rgba/*.png"):
+    png.unlink()  # what was read is served from memory
+  again = cached(2, np.random.default_rng(2))
+  np.testing.assert_array_equal(again["target_rgb"], first[2]["target_rgb"])
+  with pytest.raises(layout.DatasetError, match="unreadable subjects"):
+    plain(2, np.random.default_rng(2))  # the files are gone
 
 
 def test_corrupt_subject_is_skipped_and_counted(multiview_root, caplog):
@@ -149,3 +166,25 @@ def test_npy_reads_survive_cpythons_spurious_ast_error(tmp_path, monkeypatch):
   monkeypatch.setattr(layout, "_NPY_ATTEMPTS", 2)
   with pytest.raises(SystemError):
     layout.read_npy(tmp_path / "a.npy")
+
+
+@pytest.mark.parametrize("shape,size", [((64, 64), 32), ((64, 64), 56), ((20, 20), 48),
+                                        ((30, 40), 16)])
+def test_resize_is_pils_antialiased_bilinear(shape, size):
+  image = np.random.default_rng(0).uniform(size=shape + (3,)).astype(np.float32)
+  pil = np.stack([np.asarray(Image.fromarray(image[..., c], "F").resize((size, size),
+                                                                        Image.BILINEAR))
+                  for c in range(3)], -1)
+  np.testing.assert_allclose(sources.resize(image, size), pil, atol=2e-6)
+  # leading axes are images
+  batch = np.stack([image, image[::-1]])
+  np.testing.assert_allclose(sources.resize(batch, size)[1], sources.resize(image[::-1], size),
+                             atol=1e-6)
+
+
+def test_premultiplied_resize_is_resize_of_the_composite():
+  rgba = np.random.default_rng(1).uniform(size=(2, 64, 64, 4)).astype(np.float32)
+  rgb, alpha = sources.composite_premultiplied(
+      sources.resize(sources.premultiply(rgba), 24), 0.5)
+  np.testing.assert_allclose(rgb, sources.resize(sources.composite(rgba, 0.5), 24), atol=2e-6)
+  np.testing.assert_allclose(alpha, sources.resize(rgba[..., 3:], 24)[..., 0], atol=2e-6)

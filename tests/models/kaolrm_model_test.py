@@ -9,7 +9,8 @@ from flax import nnx
 
 from kaojax.geometry.cameras import default_openlrm_source_camera
 from kaojax.models.kaolrm import (FROZEN, FROZEN_MODULES, TRAINABLE, TRAINABLE_MODULES,
-                                  FlameBuffer, KaoLRM, kaolrm_config, nearest_gaussians)
+                                  FlameBuffer, KaoLRM, RenderTiling, kaolrm_config,
+                                  nearest_gaussians)
 
 
 def build(cfg, flame, seed=0):
@@ -138,3 +139,28 @@ def test_remat_and_plain_attention_give_the_same_planes(setup, flame):
     np.testing.assert_allclose(planes(other, images, cameras), planes(model, images, cameras),
                                atol=1e-5)
 
+
+
+def test_render_tiling_reaches_the_renderers(setup):
+  """Small mesh tiles with room for every face give the exact mesh render; a small
+  capacity drops faces (counted in `overflow`); the surfel capacity is passed on."""
+  from kaojax.geometry.cameras import intrinsics, invert_pose, look_at
+  from kaojax.render import rasterize_mesh
+  _, model, images, cameras = setup
+  size = 24
+  c2w = look_at(jnp.array([0.0, 0.0, 2.0]), jnp.zeros(3), jnp.array([0.0, 1.0, 0.0]))
+  viewmats = jnp.broadcast_to(invert_pose(c2w), (2, 1, 4, 4))
+  Ks = jnp.broadcast_to(intrinsics(0.75 * size, 0.75 * size, size / 2, size / 2), (2, 1, 3, 3))
+  out = model(images, cameras, jax.random.key(0), synth_focal=0.75)
+  faces = model.flame_model.faces
+  exact = rasterize_mesh(out.vertices, faces, viewmats, Ks, size, size, tile_size=4,
+                         tile_capacity=len(faces))
+  fine = model.render(out, viewmats, Ks, size, size, tiling=RenderTiling(
+      surfel_capacity=8, mesh_capacity=len(faces), mesh_tile_size=4))
+  np.testing.assert_array_equal(fine["mesh"]["face_id"], exact["face_id"])
+  assert int(fine["mesh"]["overflow"].sum()) == 0
+  assert int(fine["surfels"]["max_tile_count"].max()) > 8
+  assert int(fine["surfels"]["overflow"].sum()) > 0
+  coarse = model.render(out, viewmats, Ks, size, size, tiling=RenderTiling(mesh_capacity=64))
+  assert int(coarse["mesh"]["overflow"].sum()) > 0
+  assert np.any(np.asarray(coarse["mesh"]["face_id"]) != np.asarray(exact["face_id"]))

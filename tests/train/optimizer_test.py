@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kaojax.train.optimizer import (
-    learning_rate_schedule, make_optimizer, weight_decay_mask)
+    learning_rate_schedule, make_optimizer, restarted_schedule, weight_decay_mask)
 
 
 def _torch_lambda(warmup, total, init, peak):
@@ -30,6 +30,22 @@ def test_schedule_warmup_then_cosine():
   assert float(schedule(10_000)) == pytest.approx(0.0, abs=1e-12)
   with pytest.raises(ValueError, match="warmup_steps"):
     learning_rate_schedule(1e-3, 10, 10)
+
+
+def test_restarted_schedule_warms_up_again_at_the_restart():
+  schedule = restarted_schedule(1e-3, 20, 1000, restart_step=800, restart_peak=2e-4)
+  plain = learning_rate_schedule(1e-3, 20, 800)
+  for step in (0, 10, 20, 400, 799):
+    assert float(schedule(step)) == pytest.approx(float(plain(step)), rel=1e-6, abs=1e-15)
+  assert float(schedule(799)) < 1e-7
+  assert float(schedule(800)) == pytest.approx(1e-10, abs=1e-15)  # warm-up from ~0
+  assert float(schedule(810)) == pytest.approx(1e-4, rel=1e-5)
+  assert float(schedule(820)) == pytest.approx(2e-4, rel=1e-6)
+  assert float(schedule(910)) == pytest.approx(1e-4, rel=1e-5)   # half-way down the cosine
+  assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-12)
+  assert float(restarted_schedule(1e-3, 20, 810, 800, 2e-4)(809)) > 0  # short second stage
+  with pytest.raises(ValueError, match="restart_step"):
+    restarted_schedule(1e-3, 20, 1000, restart_step=1000, restart_peak=2e-4)
 
 
 def test_weight_decay_mask_spares_norms_and_biases():
