@@ -83,17 +83,23 @@ def test_forward_wiring(setup, flame):
   np.testing.assert_allclose(np.sort(d_kept, 1), np.sort(d_all, 1)[:, :int(n / 1.8)], atol=1e-6)
 
 
+def _front_camera(size, batch=2):
+  """(viewmats [batch, 1, 4, 4], Ks [batch, 1, 3, 3]): the canonical FLAME camera at
+  (0, 0, 2) with KaoLRM's multiview render focal (normalised 0.75)."""
+  from kaojax.geometry.cameras import intrinsics, invert_pose, look_at
+  c2w = look_at(jnp.array([0.0, 0.0, 2.0]), jnp.zeros(3), jnp.array([0.0, 1.0, 0.0]))
+  focal = 0.75 * size
+  return (jnp.broadcast_to(invert_pose(c2w), (batch, 1, 4, 4)),
+          jnp.broadcast_to(intrinsics(focal, focal, size / 2, size / 2), (batch, 1, 3, 3)))
+
+
 def test_gradients_reach_trainable_and_not_frozen(setup):
   """image -> KaoLRM -> surfel and mesh renders at the canonical FLAME camera (and
   the landmarks and FLAME coefficients): every trainable parameter gets a gradient,
   the frozen encoder and upsampler none."""
-  from kaojax.geometry.cameras import intrinsics, invert_pose, look_at
   cfg, model, images, cameras = setup
   size = 24
-  c2w = look_at(jnp.array([0.0, 0.0, 2.0]), jnp.zeros(3), jnp.array([0.0, 1.0, 0.0]))
-  viewmats = jnp.broadcast_to(invert_pose(c2w), (2, 1, 4, 4))
-  focal = 0.75 * size   # KaoLRM's multiview render focal (normalised 0.75)
-  Ks = jnp.broadcast_to(intrinsics(focal, focal, size / 2, size / 2), (2, 1, 3, 3))
+  viewmats, Ks = _front_camera(size)
 
   def loss_fn(m):
     out = m(images, cameras, jax.random.key(0), synth_focal=0.75)
@@ -144,13 +150,10 @@ def test_remat_and_plain_attention_give_the_same_planes(setup, flame):
 def test_render_tiling_reaches_the_renderers(setup):
   """Small mesh tiles with room for every face give the exact mesh render; a small
   capacity drops faces (counted in `overflow`); the surfel capacity is passed on."""
-  from kaojax.geometry.cameras import intrinsics, invert_pose, look_at
   from kaojax.render import rasterize_mesh
   _, model, images, cameras = setup
   size = 24
-  c2w = look_at(jnp.array([0.0, 0.0, 2.0]), jnp.zeros(3), jnp.array([0.0, 1.0, 0.0]))
-  viewmats = jnp.broadcast_to(invert_pose(c2w), (2, 1, 4, 4))
-  Ks = jnp.broadcast_to(intrinsics(0.75 * size, 0.75 * size, size / 2, size / 2), (2, 1, 3, 3))
+  viewmats, Ks = _front_camera(size)
   out = model(images, cameras, jax.random.key(0), synth_focal=0.75)
   faces = model.flame_model.faces
   exact = rasterize_mesh(out.vertices, faces, viewmats, Ks, size, size, tile_size=4,
