@@ -20,32 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timing import best_time
-
-# Dense peak FLOP/s per device kind (vendor figures, no sparsity) by compute dtype.
-PEAK_FLOPS = {
-    "H100": {"bfloat16": 989e12, "float32": 67e12},
-    "H200": {"bfloat16": 989e12, "float32": 67e12},
-    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
-}
-
-
-def _peak_flops(dtype):
-  kind = jax.devices()[0].device_kind
-  for name, peaks in PEAK_FLOPS.items():
-    if name in kind:
-      return peaks[dtype]
-  return None
-
-
-def _flops(jitted, *args):
-  try:
-    cost = jitted.lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)) or None
-  except Exception:  # pylint: disable=broad-except  (cost analysis is best effort)
-    return None
-
+from timing import best_time, compiled_flops, peak_flops
 
 def _random_params(model, seed):
   """Fill an abstract (eval_shape) nnx model with N(0, 0.02) weights, unit norm
@@ -129,8 +104,8 @@ def bench_size(name, args, flame):
     def pure_forward(params, x, c, k):
       return nnx.merge(graphdef, params)(x, c, k)
 
-    flops = _flops(pure_forward, params, images, cameras, key)
-    peak = None if on_cpu else _peak_flops(args.dtype)
+    flops = compiled_flops(pure_forward, params, images, cameras, key)
+    peak = None if on_cpu else peak_flops(args.dtype)
     result["images_per_second"] = batch / t_model
     if flops:
       result["gflops_per_image"] = flops / batch / 1e9

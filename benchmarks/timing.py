@@ -1,7 +1,17 @@
-"""Shared timing helper for the benchmark scripts (run as `python benchmarks/X.py`,
-so this module is importable as `timing`)."""
+"""Shared helpers of the benchmark scripts (run as `python benchmarks/X.py`, so this
+module is importable as `timing`): best-of-N timing, XLA FLOP counts, the device's
+peak FLOP/s."""
 
 import time
+
+import jax
+
+# Dense peak FLOP/s per device kind (vendor figures, no sparsity) by compute dtype.
+PEAK_FLOPS = {
+    "H100": {"bfloat16": 989e12, "float32": 67e12},
+    "H200": {"bfloat16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
+}
 
 
 def best_time(fn, repeats: int) -> float:
@@ -14,3 +24,34 @@ def best_time(fn, repeats: int) -> float:
     fn()
     best = min(best, time.perf_counter() - start)
   return best
+
+
+def peak_flops(dtype: str):
+  """The first device's dense peak FLOP/s for `dtype`, None for an unlisted kind."""
+  kind = jax.devices()[0].device_kind
+  for name, peaks in PEAK_FLOPS.items():
+    if name in kind:
+      return peaks[dtype]
+  return None
+
+
+def _flops(cost):
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0)) or None
+
+
+def compiled_flops(jitted, *args):
+  """XLA's FLOP count of the compiled `jitted(*args)`, None where it has none."""
+  try:
+    return _flops(jitted.lower(*args).compile().cost_analysis())
+  except Exception:  # pylint: disable=broad-except  (cost analysis is best effort)
+    return None
+
+
+def lowered_flops(jitted, *args):
+  """XLA's FLOP count of `jitted(*args)` before compilation (no compile, no memory):
+  the program as written, with loop bodies counted once."""
+  try:
+    return _flops(jitted.lower(*args).cost_analysis())
+  except Exception:  # pylint: disable=broad-except
+    return None

@@ -1,26 +1,34 @@
 """KaoLRM training-step speed on this machine: step time and examples/s for stage I
 and stage II, and the share of a step spent outside the network (renderers, losses),
-measured against the network's own forward+backward in the same run.
+measured against the network's own forward+backward in the same run; the model's
+FLOPs per step (XLA's count) and the rate achieved, with model FLOP utilisation on a
+GPU of known peak.
 
-    python benchmarks/train.py [--quick] [--presets tiny,base] [--remat]
+    python benchmarks/train.py [--quick] [--presets tiny,base] [--remat] [--batch N]
+                               [--attention-chunk N]
 
 --quick: the tiny preset only. --remat: rematerialise the transformer and encoder
-blocks (config.model.remat) to trade compute for memory. Batches are random (same shapes as the data
-pipeline's). The last line is one JSON object.
+blocks (config.model.remat) to trade compute for memory. --attention-chunk: the
+transformer's attention query block (config.model.attention_chunk, default 512; 0:
+one block, whose logits alone need > 20 GiB for the base preset). Batches are random
+(same shapes as the data pipeline's). The last line is one JSON object, with the
+peak memory (the GPU's peak bytes in use; on the CPU the process's peak resident
+memory, compilation included).
 """
 
 import argparse
 import dataclasses
 import json
+import resource
 
 import jax
 import numpy as np
 from flax import nnx
 
-from timing import best_time
+from timing import best_time, lowered_flops, peak_flops
 from kaojax import geometry, losses
 from kaojax.flame.synthetic import make_synthetic_flame
-from kaojax.models.kaolrm import KaoLRM, RenderTiling, kaolrm_config
+from kaojax.models.kaolrm import TRAINABLE, KaoLRM, RenderTiling, kaolrm_config
 from kaojax.models.lrm import with_runtime_options
 from kaojax.train.optimizer import make_optimizer
 from kaojax.train.step import create_state, make_train_step
@@ -52,23 +60,45 @@ def random_batch(batch, views, source, render, seed=0):
   }
 
 
-def measure(preset, repeats, remat=False):
-  batch_size, views, source, render, samples, tiling = SETTINGS[preset]
+def model_flops(cfg, flame, tx, weights, tiling, state, batch, key):
+  """XLA's FLOP count of one training step of the model as written (attention in one
+  block, no rematerialisation), counted on the lowered program: no compile, no memory.
+  The model's FLOPs, not those of the blocked attention's recomputation."""
+  plain = dataclasses.replace(cfg, lrm=with_runtime_options(cfg.lrm, remat=False,
+                                                            attention_chunk=0))
+  graphdef = nnx.split(nnx.eval_shape(lambda: KaoLRM(plain, flame, nnx.Rngs(0))),
+                       TRAINABLE, ...)[0]
+  return lowered_flops(jax.jit(make_train_step(graphdef, tx, weights, 0.75, tiling)),
+                       state, batch, key)
+
+
+def measure(preset, repeats, remat=False, attention_chunk=512, batch_size=None):
+  default_batch, views, source, render, samples, tiling = SETTINGS[preset]
+  batch_size = batch_size or default_batch
   cfg = kaolrm_config(preset, num_samples=samples)
-  cfg = dataclasses.replace(cfg, lrm=with_runtime_options(cfg.lrm, remat=remat))
-  model = KaoLRM(cfg, make_synthetic_flame(), nnx.Rngs(0))
+  cfg = dataclasses.replace(cfg, lrm=with_runtime_options(cfg.lrm, remat=remat,
+                                                       attention_chunk=attention_chunk))
+  flame = make_synthetic_flame()
+  model = KaoLRM(cfg, flame, nnx.Rngs(0))
   tx = make_optimizer(1e-4, 10, 1000)
   graphdef, state = create_state(model, tx)
   batch = random_batch(batch_size, views, source, render)
   key = jax.random.key(0)
-  result = {}
+  result = {"batch": batch_size}
   for stage in (1, 2):
-    step = jax.jit(make_train_step(graphdef, tx, losses.stage_weights(stage, overrides={
-        "lpips": 0}), 0.75, tiling))
+    weights = losses.stage_weights(stage, overrides={"lpips": 0})
+    step = jax.jit(make_train_step(graphdef, tx, weights, 0.75, tiling))
     seconds = best_time(lambda: jax.block_until_ready(step(state, batch, key)[1]["loss"]),
                         repeats)
     result[f"stage{stage}_step_s"] = seconds
     result[f"stage{stage}_examples_per_s"] = batch_size / seconds
+  flops = model_flops(cfg, flame, tx, weights, tiling, state, batch, key)
+  if flops:
+    result["stage2_model_gflop_per_step"] = flops / 1e9
+    result["stage2_gflops_achieved"] = flops / result["stage2_step_s"] / 1e9
+    peak = peak_flops("float32")
+    if peak:
+      result["stage2_mfu"] = flops / result["stage2_step_s"] / peak
 
   def network_only(params, rest):
     m = nnx.merge(graphdef, params, rest)
@@ -83,8 +113,20 @@ def measure(preset, repeats, remat=False):
         f"{samples} surfels | stage I {result['stage1_step_s']:.3f} s/step, stage II "
         f"{result['stage2_step_s']:.3f} s/step ({result['stage2_examples_per_s']:.2f} "
         f"examples/s) | network alone {result['network_fwd_bwd_s']:.3f} s "
-        f"-> step / network x{result['stage2_over_network']:.1f}")
+        f"-> step / network x{result['stage2_over_network']:.1f}"
+        + (f" | {result['stage2_gflops_achieved']:.3g} GFLOP/s achieved"
+           if "stage2_gflops_achieved" in result else "")
+        + (f", MFU {result['stage2_mfu']:.1%}" if "stage2_mfu" in result else ""))
   return result
+
+
+def peak_memory_gib():
+  """The accelerator's peak bytes in use, or on the CPU the process's peak resident
+  memory (compilation included)."""
+  stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2 ** 30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def main():
@@ -93,11 +135,21 @@ def main():
   parser.add_argument("--presets", default="tiny,base")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--remat", action="store_true", help="config.model.remat=True")
+  parser.add_argument("--batch", type=int, default=None,
+                      help="examples per step (default: 4 tiny; small/base 1 on the CPU, 16 "
+                      "on a GPU)")
+  parser.add_argument("--attention-chunk", type=int, default=512,
+                      help="config.model.attention_chunk (0: one block)")
   args = parser.parse_args()
   presets = ["tiny"] if args.quick else args.presets.split(",")
-  results = {p: measure(p, args.repeats if p == "tiny" else 1, args.remat) for p in presets}
+  on_cpu = jax.default_backend() == "cpu"
+  results = {p: measure(p, args.repeats if p == "tiny" or not on_cpu else 1, args.remat,
+                        args.attention_chunk, args.batch or (None if p == "tiny" or on_cpu
+                                                             else 16))
+             for p in presets}
   print(json.dumps({"benchmark": "kaolrm_train_step", "device": jax.devices()[0].platform,
-                    "remat": args.remat,
+                    "remat": args.remat, "attention_chunk": args.attention_chunk,
+                    "peak_memory_gib": round(peak_memory_gib(), 2),
                     **{f"{p}_{k}": round(v, 4) for p, r in results.items()
                        for k, v in r.items()}}))
 

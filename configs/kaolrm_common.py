@@ -20,6 +20,10 @@ def base_config():
   config.model.num_samples = 8000   # surface samples = Gaussians per forward
   config.model.dtype = "float32"    # or "bfloat16" (compute; parameters stay fp32)
   config.model.remat = False
+  # Transformer attention in query blocks of this many tokens, each recomputed in the
+  # backward pass (0: one block). The base preset's 3 x 32 x 32-token self-attention
+  # needs > 20 GiB per example in one block, ~3.6 GiB for a whole step in blocks of 512.
+  config.model.attention_chunk = 512
 
   config.init = ml_collections.ConfigDict()
   # A converted model dir: python -m kaojax.convert.openlrm --kind kaolrm-init

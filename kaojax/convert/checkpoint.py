@@ -129,11 +129,13 @@ KAOLRM_RUNTIME_FIELDS = ("num_samples", "monocular")
 
 
 def load_model(directory: PathLike, flame=None, efficient_attention: Optional[bool] = None,
-               remat: Optional[bool] = None, dtype: Optional[str] = None, **kaolrm_options):
+               remat: Optional[bool] = None, dtype: Optional[str] = None,
+               attention_chunk: Optional[int] = None, **kaolrm_options):
   """An OpenLRM or KaoLRM model from a directory written by `save_model`.
 
   flame: a FlameModel replacing the stored one (KaoLRM). efficient_attention / remat /
-  dtype: execution options (None keeps the saved value). kaolrm_options: KaoLRM's
+  dtype / attention_chunk: execution options (None keeps the saved value, see
+  `kaojax.models.lrm.with_runtime_options`). kaolrm_options: KaoLRM's
   num_samples / monocular."""
   unknown = sorted(set(kaolrm_options) - set(KAOLRM_RUNTIME_FIELDS))
   if unknown:
@@ -146,8 +148,8 @@ def load_model(directory: PathLike, flame=None, efficient_attention: Optional[bo
   source = str(directory / META_FILE)
   if meta["kind"] == "kaolrm":
     cfg = config_from_dict(KaoLRMConfig, meta["config"], source)
-    cfg = dataclasses.replace(cfg, lrm=with_runtime_options(cfg.lrm, efficient_attention,
-                                                            remat, dtype), **kaolrm_options)
+    cfg = dataclasses.replace(cfg, lrm=with_runtime_options(
+        cfg.lrm, efficient_attention, remat, dtype, attention_chunk), **kaolrm_options)
     if flame is None:
       flame = load_flame_npz(directory, meta)
     model = nnx.eval_shape(lambda: KaoLRM(cfg, flame, nnx.Rngs(0)))
@@ -157,7 +159,7 @@ def load_model(directory: PathLike, flame=None, efficient_attention: Optional[bo
       raise TypeError(f"load_model: {sorted(kaolrm_options)} apply to KaoLRM, {directory} "
                       "holds an OpenLRM model")
     cfg = with_runtime_options(config_from_dict(LRMConfig, meta["config"], source),
-                               efficient_attention, remat, dtype)
+                               efficient_attention, remat, dtype, attention_chunk)
     model = nnx.eval_shape(lambda: OpenLRM(cfg, nnx.Rngs(0)))
   return restore_params(model, directory / PARAMS_DIR)
 

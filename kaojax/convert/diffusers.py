@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Union
 import numpy as np
 from flax import nnx
 
-from kaojax.convert.torch_state import (CheckpointError, StateMapping, assign_state,
+from kaojax.convert.torch_state import (StateMapping, assign_state,
                                         conv_kernel_hwio, linear_kernel, param_shapes,
                                         read_json, read_state_dict)
 from kaojax.models.mvdiffusion.unet import UNet, UNetConfig

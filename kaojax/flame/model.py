@@ -1,6 +1,5 @@
 """The FLAME layer: a pytree of model arrays that is called like a function."""
 
-from typing import Optional
 
 import flax.struct
 import jax

@@ -22,7 +22,7 @@ import pickle
 
 import numpy as np
 
-from kaojax.flame.io import facial_region_face_mask, read_flame_arrays
+from kaojax.flame.io import facial_region_face_mask
 from kaojax.flame.model import FLAME_PARENTS, FlameModel, build_flame_model
 
 N_LAT, N_LON = 56, 72          # head grid (rows from crown to neck base, columns)
@@ -49,7 +49,6 @@ def _head_surface():
   p = centre + radii * d
   # Below t = 0.72 the surface narrows into the neck and goes down to y = -0.17.
   neck = np.clip((t - 0.72) / 0.28, 0, 1)[..., None]
-  ring = p * np.array([1, 0, 1]) + np.array([0, 0, -0.012]) * neck
   neck_r = np.array([0.050, 0, 0.052])
   ring_dir = np.stack([np.sin(phi), np.zeros_like(phi), np.cos(phi)], -1)
   neck_pos = np.array([0, 0, -0.012]) + neck_r * ring_dir

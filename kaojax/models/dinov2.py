@@ -11,12 +11,12 @@ Images are NHWC: [B, H, W, 3].
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kaojax.models.attention import dot_product_attention
 from kaojax.models.remat import remat_call
 from kaojax.sharding import EMBED, HEADS, MLP, param_init
 
@@ -40,17 +40,6 @@ class Dinov2Config:
     if self.image_size % self.patch:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
     return self.image_size // self.patch
-
-
-def dot_product_attention(q, k, v, efficient: bool = True):
-  """q [B, Tq, H, d], k/v [B, Tk, H, d] -> [B, Tq, H, d], softmax(q k^T / sqrt(d)) v.
-  `efficient` uses jax.nn.dot_product_attention (fused kernels where available)."""
-  if efficient:
-    return jax.nn.dot_product_attention(q, k, v)
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def linear(d_in, d_out, axes, rngs, use_bias=True, dtype=None):

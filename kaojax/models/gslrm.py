@@ -17,7 +17,6 @@ A raw Gaussian row is [xyz 3, f_dc 3, scale 3, rotation 4 (w, x, y, z), opacity 
 """
 
 import dataclasses
-import math
 from typing import Optional
 
 import flax.struct
@@ -27,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from kaojax.geometry.rays import facelift_ray_encoding, pixel_rays
-from kaojax.models.mvdiffusion.attention import chunked_dot_product_attention
+from kaojax.models.attention import dot_product_attention
 from kaojax.render.gaussians import Gaussians
 
 SH_C0 = 0.28209479177387814     # degree-0 real spherical harmonic
@@ -110,8 +109,8 @@ class SelfAttention(nnx.Module):
     b, n, _ = x.shape
     q, k, v = jnp.split(self.to_qkv(x), 3, axis=-1)
     shape = (b, n, self.heads, self.head_dim)
-    out = chunked_dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                        self.query_chunk)
+    out = dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                query_chunk=self.query_chunk)
     return self.fc(out.reshape(b, n, self.heads * self.head_dim))
 
 

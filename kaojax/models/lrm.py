@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kaojax.models.dinov2 import Dinov2, Dinov2Config, dot_product_attention, layer_norm, linear
+from kaojax.models.attention import dot_product_attention
+from kaojax.models.dinov2 import Dinov2, Dinov2Config, layer_norm, linear
 from kaojax.models.remat import remat_call
 from kaojax.sharding import COND, EMBED, HEADS, MLP, param_init
 
@@ -34,6 +35,7 @@ class LRMConfig:
   mlp_ratio: float = 4.0
   ln_eps: float = 1e-6
   efficient_attention: bool = True
+  attention_chunk: int | None = None  # transformer self/cross-attention query block (memory)
   remat: bool = False
   freeze_encoder: bool = False
   freeze_upsampler: bool = False
@@ -79,12 +81,15 @@ def openlrm_config(name: str = "base", image_size: int = None, **overrides) -> L
 
 
 def with_runtime_options(cfg: LRMConfig, efficient_attention: bool = None, remat: bool = None,
-                         dtype: str = None) -> LRMConfig:
+                         dtype: str = None, attention_chunk: int = None) -> LRMConfig:
   """The same network with other execution options (attention kernel,
-  rematerialisation, compute dtype), set on the encoder and the transformer alike.
-  Options left as None keep their value."""
+  rematerialisation, compute dtype), set on the encoder and the transformer alike,
+  and the transformer's attention query block (0: one block). Options left as None
+  keep their value."""
   options = {k: v for k, v in dict(efficient_attention=efficient_attention, remat=remat,
                                    dtype=dtype).items() if v is not None}
+  if attention_chunk is not None:
+    cfg = dataclasses.replace(cfg, attention_chunk=attention_chunk or None)
   return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **options),
                              **options)
 
@@ -162,9 +167,10 @@ class Attention(nnx.Module):
   scale 1/sqrt(head_dim)."""
 
   def __init__(self, dim: int, kv_dim: int, heads: int, rngs: nnx.Rngs,
-               efficient: bool = True, dtype=None):
+               efficient: bool = True, query_chunk: int | None = None, dtype=None):
     self.heads = heads
     self.efficient = efficient
+    self.query_chunk = query_chunk
     self.q = linear(dim, dim, (EMBED, HEADS), rngs, use_bias=False, dtype=dtype)
     self.k = linear(kv_dim, dim, (COND, HEADS), rngs, use_bias=False, dtype=dtype)
     self.v = linear(kv_dim, dim, (COND, HEADS), rngs, use_bias=False, dtype=dtype)
@@ -175,7 +181,7 @@ class Attention(nnx.Module):
     b, tq, d = x.shape
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, d // self.heads)
     out = dot_product_attention(split(self.q(x)), split(self.k(context)),
-                                split(self.v(context)), self.efficient)
+                                split(self.v(context)), self.efficient, self.query_chunk)
     return self.out(out.reshape(b, tq, d))
 
 
@@ -185,9 +191,11 @@ class ModulatedBlock(nnx.Module):
   def __init__(self, cfg: LRMConfig, rngs: nnx.Rngs):
     d, e, dt = cfg.dim, cfg.camera_dim, cfg.dtype
     self.norm1 = ModulatedLayerNorm(d, e, cfg.ln_eps, rngs, dt)
-    self.cross_attn = Attention(d, cfg.encoder.dim, cfg.heads, rngs, cfg.efficient_attention, dt)
+    attention = dict(efficient=cfg.efficient_attention, query_chunk=cfg.attention_chunk,
+                     dtype=dt)
+    self.cross_attn = Attention(d, cfg.encoder.dim, cfg.heads, rngs, **attention)
     self.norm2 = ModulatedLayerNorm(d, e, cfg.ln_eps, rngs, dt)
-    self.self_attn = Attention(d, d, cfg.heads, rngs, cfg.efficient_attention, dt)
+    self.self_attn = Attention(d, d, cfg.heads, rngs, **attention)
     self.norm3 = ModulatedLayerNorm(d, e, cfg.ln_eps, rngs, dt)
     self.fc1 = linear(d, int(d * cfg.mlp_ratio), (EMBED, MLP), rngs, dtype=dt)
     self.fc2 = linear(int(d * cfg.mlp_ratio), d, (MLP, EMBED), rngs, dtype=dt)

@@ -51,7 +51,8 @@ def build_model(config, flame):
   if config.init.converted_model:
     from kaojax.convert import checkpoint  # pylint: disable=import-outside-toplevel
     model = checkpoint.load_model(config.init.converted_model, flame=flame,
-                                  remat=config.model.remat, dtype=config.model.dtype)
+                                  remat=config.model.remat, dtype=config.model.dtype,
+                                  attention_chunk=config.model.attention_chunk)
     if not isinstance(model, KaoLRM):
       raise ValueError(f"{config.init.converted_model} holds an OpenLRM model; convert the "
                        "OpenLRM checkpoint with --kind kaolrm-init to start KaoLRM training")
@@ -61,7 +62,8 @@ def build_model(config, flame):
                       n_expr=config.model.n_expr, num_samples=config.model.num_samples,
                       monocular=config.data.kind == "monocular")
   cfg = dataclasses.replace(cfg, lrm=with_runtime_options(
-      cfg.lrm, remat=config.model.remat, dtype=config.model.dtype))
+      cfg.lrm, remat=config.model.remat, dtype=config.model.dtype,
+      attention_chunk=config.model.attention_chunk))
   return KaoLRM(cfg, flame, nnx.Rngs(config.seed))
 
 

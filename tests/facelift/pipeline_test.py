@@ -10,7 +10,6 @@ import torch
 
 from kaojax.export.ply import read_gaussian_ply
 from kaojax.infer import facelift
-from kaojax.models.mvdiffusion.scheduler import SchedulerConfig
 
 
 CFG = facelift.FaceLiftConfig(image_size=32, num_steps=2, turntable_frames=3)

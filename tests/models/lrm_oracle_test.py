@@ -8,7 +8,7 @@ from flax import nnx
 from kaojax.convert.dinov2 import resize_pos_embed
 from kaojax.convert.openlrm import load_openlrm_state, lrm_config_from_state
 from kaojax.convert.torch_state import read_state_dict
-from kaojax.models.lrm import OpenLRM, concat_plane_features, sample_triplane
+from kaojax.models.lrm import OpenLRM, concat_plane_features, sample_triplane, with_runtime_options
 from tests.oracle_cases import load_case, oracle_cases
 
 
@@ -53,6 +53,14 @@ def test_openlrm_oracle(folder):
   for i, out in enumerate(layer_outs):
     _check(f"transformer_layer{i}_out", out, outputs[f"transformer_layer{i}_out"], tol)
   _check("transformer_tokens", model.transformer(ref_tokens, outputs["camera_embedding"]),
+         outputs["transformer_tokens"], tol)
+  # Attention in 7-query blocks (the last one padded) is the same network.
+  chunked = nnx.eval_shape(lambda: OpenLRM(with_runtime_options(cfg, attention_chunk=7),
+                                           nnx.Rngs(0)))
+  load_openlrm_state(chunked, state)
+  assert chunked.transformer.layers[0].self_attn.query_chunk == 7
+  _check("transformer_tokens, attention_chunk=7",
+         chunked.transformer(ref_tokens, outputs["camera_embedding"]),
          outputs["transformer_tokens"], tol)
   planes = model.upsampler(outputs["transformer_tokens"])
   _check("planes", np.transpose(np.asarray(planes), (0, 1, 4, 2, 3)), outputs["planes"], tol)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kaojax.render import Gaussians, rasterize_surfels
+from kaojax.render import rasterize_surfels
 from kaojax.render.surfel import project_surfels
 from tests.render import gsplat_oracle as oracle
 from tests.render.scenes import add_splats_behind_camera, orbit_views, random_gaussians

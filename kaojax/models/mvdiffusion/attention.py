@@ -7,12 +7,12 @@ scale 1/sqrt(head_dim). For view 0 the key set is [view 0 ; view 0], which gives
 plain self-attention (duplicating every key leaves the softmax unchanged).
 """
 
-import math
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from kaojax.models.attention import dot_product_attention
 
 
 def front_view_context(x, num_views: int):
@@ -26,30 +26,12 @@ def front_view_context(x, num_views: int):
   return jnp.concatenate([front, grouped], axis=2).reshape(n, 2 * length, c)
 
 
-def chunked_dot_product_attention(q, k, v, query_chunk: Optional[int] = None):
-  """q [N, Lq, H, d], k/v [N, Lk, H, d] -> [N, Lq, H, d], softmax(q k^T / sqrt(d)) v.
-
-  With `query_chunk`, queries are processed in blocks of that many tokens (lax.map), so
-  the logits never exceed [N, H, query_chunk, Lk] - needed for GS-LRM's 6 x 4096 tokens
-  and the UNet's 64 x 64 latents on one accelerator."""
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  lq = q.shape[1]
-  if query_chunk is None or lq <= query_chunk:
-    return jax.nn.dot_product_attention(q, k, v, scale=scale)
-  blocks = -(-lq // query_chunk)
-  q = jnp.pad(q, ((0, 0), (0, blocks * query_chunk - lq), (0, 0), (0, 0)))
-  q = jnp.moveaxis(q.reshape(q.shape[0], blocks, query_chunk, *q.shape[2:]), 1, 0)
-  out = jax.lax.map(lambda qb: jax.nn.dot_product_attention(qb, k, v, scale=scale), q)
-  out = jnp.moveaxis(out, 0, 1).reshape(out.shape[1], blocks * query_chunk, *out.shape[3:])
-  return out[:, :lq]
-
-
 def attention(q, k, v, heads: int, query_chunk: Optional[int] = None):
   """q [N, Lq, H*d], k/v [N, Lk, H*d] -> [N, Lq, H*d], softmax(q k^T / sqrt(d)) v."""
   n, lq, inner = q.shape
   d = inner // heads
   split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, d)
-  out = chunked_dot_product_attention(split(q), split(k), split(v), query_chunk)
+  out = dot_product_attention(split(q), split(k), split(v), query_chunk=query_chunk)
   return out.reshape(n, lq, inner)
 
 

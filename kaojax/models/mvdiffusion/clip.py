@@ -11,7 +11,6 @@ close to, not bit-identical with, the PIL-based processor.
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

@@ -14,7 +14,7 @@ naming, `attention_head_dim` holds the number of heads per block when
 """
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
