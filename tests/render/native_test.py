@@ -250,7 +250,8 @@ print(json.dumps(dict(collectives=collectives, calls=hlo.count("kaojax_surfel_fo
                       sharding=str(g_n.means.sharding.spec))))
 """
   import json
-  out = _run_python(code, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = _run_python(code, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+                    + " --xla_force_host_platform_device_count=8")
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["calls"] >= 1
   assert report["loss_diff"] < 1e-5, report

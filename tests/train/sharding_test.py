@@ -10,7 +10,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_two_steps_on_a_data_fsdp_mesh_match_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=8")
   result = subprocess.run([sys.executable, "-m", "tests.train.sharded_steps"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
