@@ -28,6 +28,7 @@ def test_paper_values_in_the_default_config():
   assert (config.optim.warmup_steps, config.optim.clip) == (3000, 1.0)
   assert (config.data.source_size, config.data.render_size, config.data.num_views) == (224, 192, 4)
   assert config.model.num_samples == 8000 and config.model.preset == "base"
+  assert config.model.attention_chunk == 512  # the base preset's memory (benchmarks/train.py)
   with pytest.raises(ValueError, match="unknown preset"):
     stage2.get_config("huge")
 
@@ -38,10 +39,13 @@ def test_build_model_from_a_converted_directory(tmp_path):
   save_model(tmp_path / "kaolrm", saved)
   config = stage2.get_config("tiny")
   config.init.converted_model = str(tmp_path / "kaolrm")
+  config.model.attention_chunk = 7            # an execution option, applied on loading
   model = loop.build_model(config, flame)
   for a, b in zip(jax.tree.leaves(nnx.state(saved, nnx.Param)),
                   jax.tree.leaves(nnx.state(model, nnx.Param))):
     np.testing.assert_array_equal(a, b)
+  assert saved.transformer.layers[0].self_attn.query_chunk is None
+  assert model.transformer.layers[0].self_attn.query_chunk == 7
   save_model(tmp_path / "openlrm", OpenLRM(openlrm_config("tiny"), nnx.Rngs(0)))
   config.init.converted_model = str(tmp_path / "openlrm")
   with pytest.raises(ValueError, match="--kind kaolrm-init"):
