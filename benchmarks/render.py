@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timing import device_peak_bytes
 from kaojax.render.demo import head_cameras, head_vertices, surfels_on_surface
 from kaojax.render import rasterize_mesh, rasterize_surfels
 
@@ -52,11 +53,6 @@ def _compile_and_time(fn, args, repeats):
     out = jax.block_until_ready(compiled(*args))
     best = min(best, time.perf_counter() - start)
   return best, compile_s, nbytes, out
-
-
-def _device_peak():
-  stats = jax.devices()[0].memory_stats()
-  return None if not stats else stats.get("peak_bytes_in_use")
 
 
 def head_scene(num: int, size: int, views: int):
@@ -84,7 +80,7 @@ def _measure(name, forward, loss, args, repeats):
   bwd_s, bwd_compile_s, bwd_bytes, _ = _compile_and_time(jax.value_and_grad(loss), args, repeats)
   res = {"fwd_s": fwd_s, "fwd_bwd_s": bwd_s, "fwd_mib": _mib(fwd_bytes),
          "fwd_bwd_mib": _mib(bwd_bytes), "compile_s": fwd_compile_s + bwd_compile_s,
-         "device_peak_mib": _mib(_device_peak()),
+         "device_peak_mib": _mib(device_peak_bytes()),
          "overflow": int(np.sum(out["overflow"])),
          "max_tile_count": int(np.max(out["max_tile_count"]))}
   print(f"{name:16s} fwd {fwd_s:8.4f} s  fwd+bwd {bwd_s:8.4f} s  mem fwd {res['fwd_mib']} MiB  "

@@ -28,6 +28,7 @@ import numpy as np
 
 from kaojax.render import rasterize_gaussians, rasterize_surfels
 from render import head_scene
+from timing import device_peak_bytes
 
 
 def _best(fn, repeats, sync):
@@ -55,8 +56,7 @@ def _kaojax(render, gaussians, viewmats, Ks, size, weights, repeats):
   sync = lambda: jax.block_until_ready(jnp.zeros(()))
   fwd_s = _best(lambda: jax.block_until_ready(fwd(gaussians)), repeats, sync)
   bwd_s = _best(lambda: jax.block_until_ready(grad(gaussians)), repeats, sync)
-  stats = jax.devices()[0].memory_stats() or {}
-  return fwd_s, bwd_s, stats.get("peak_bytes_in_use")
+  return fwd_s, bwd_s, device_peak_bytes()
 
 
 def _gsplat(kind, gaussians, viewmats, Ks, size, weights, repeats):

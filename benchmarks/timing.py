@@ -1,6 +1,6 @@
 """Shared helpers of the benchmark scripts (run as `python benchmarks/X.py`, so this
 module is importable as `timing`): best-of-N timing, XLA FLOP counts, the device's
-peak FLOP/s."""
+peak FLOP/s and peak memory in use."""
 
 import time
 
@@ -55,3 +55,10 @@ def lowered_flops(jitted, *args):
     return _flops(jitted.lower(*args).cost_analysis())
   except Exception:  # pylint: disable=broad-except
     return None
+
+
+def device_peak_bytes():
+  """The first device's peak bytes in use, None where the backend keeps no count
+  (the CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use")

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from timing import best_time, lowered_flops, peak_flops
+from timing import best_time, device_peak_bytes, lowered_flops, peak_flops
 from kaojax import geometry, losses
 from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.models.kaolrm import TRAINABLE, KaoLRM, RenderTiling, kaolrm_config
@@ -123,9 +123,9 @@ def measure(preset, repeats, remat=False, attention_chunk=512, batch_size=None):
 def peak_memory_gib():
   """The accelerator's peak bytes in use, or on the CPU the process's peak resident
   memory (compilation included)."""
-  stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
-  if stats and "peak_bytes_in_use" in stats:
-    return stats["peak_bytes_in_use"] / 2 ** 30
+  peak = device_peak_bytes() if jax.default_backend() != "cpu" else None
+  if peak is not None:
+    return peak / 2 ** 30
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
