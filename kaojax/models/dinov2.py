@@ -34,6 +34,9 @@ class Dinov2Config:
   efficient_attention: bool = True
   remat: bool = False
   dtype: str = "float32"       # compute dtype
+  # Initial position table: "normal" (DINOv2's truncated N(0, 0.02)) or "sincos" (a
+  # fixed-scale 2D sine-cosine table, `sincos_positions`). Loaded weights replace it.
+  position_init: str = "normal"
 
   @property
   def grid(self) -> int:
@@ -103,6 +106,22 @@ class ViTBlock(nnx.Module):
     return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+def sincos_positions(grid: int, dim: int):
+  """[1 + grid*grid, dim] position table: a zero row for CLS, then for each patch
+  (row-major) sin/cos of its row and column at dim/4 geometric frequencies
+  (1 / 10000^(k / (dim/4))), rows in the first half of the channels, columns in the
+  second. Every entry is in [-1, 1]: a random frozen encoder's patch tokens then say
+  where they are, as a pre-trained encoder's do (DINOv2's random N(0, 0.02) table is
+  ~2% of a patch embedding)."""
+  if dim % 4:
+    raise ValueError(f"sine-cosine positions need a width divisible by 4, got {dim}")
+  freqs = 1.0 / 10000.0 ** (jnp.arange(dim // 4) / (dim // 4))
+  rows, cols = jnp.meshgrid(jnp.arange(grid), jnp.arange(grid), indexing="ij")
+  angles = [c.reshape(-1, 1).astype(jnp.float32) * freqs for c in (rows, cols)]
+  table = jnp.concatenate([f(a) for a in angles for f in (jnp.sin, jnp.cos)], -1)
+  return jnp.concatenate([jnp.zeros((1, dim)), table])
+
+
 class Dinov2(nnx.Module):
   """images [B, H, W, 3] in [0, 1] -> tokens [B, 1 + (H/14)*(W/14), D] (CLS first,
   registers dropped)."""
@@ -121,8 +140,13 @@ class Dinov2(nnx.Module):
     self.register_tokens = nnx.Param(
         1e-6 * jax.random.normal(rngs.params(), (1, cfg.num_registers, d)),
         out_sharding=(None, None, EMBED), eager_sharding=False) if cfg.num_registers else None
-    self.pos_embed = nnx.Param(trunc(rngs.params(), (1, 1 + cfg.grid ** 2, d)),
-                               out_sharding=(None, None, EMBED), eager_sharding=False)
+    if cfg.position_init == "normal":
+      positions = trunc(rngs.params(), (1, 1 + cfg.grid ** 2, d))
+    elif cfg.position_init == "sincos":
+      positions = sincos_positions(cfg.grid, d)[None]
+    else:
+      raise ValueError(f"position_init must be 'normal' or 'sincos', got {cfg.position_init!r}")
+    self.pos_embed = nnx.Param(positions, out_sharding=(None, None, EMBED), eager_sharding=False)
     self.blocks = nnx.List([ViTBlock(cfg, rngs) for _ in range(cfg.depth)])
     self.norm = layer_norm(d, cfg.ln_eps, rngs, cfg.dtype)
 

@@ -61,8 +61,10 @@ def build_model(config, flame):
   cfg = kaolrm_config(config.model.preset, n_shape=config.model.n_shape,
                       n_expr=config.model.n_expr, num_samples=config.model.num_samples,
                       monocular=config.data.kind == "monocular")
+  lrm = dataclasses.replace(cfg.lrm, encoder=dataclasses.replace(
+      cfg.lrm.encoder, position_init=config.model.encoder_position_init))
   cfg = dataclasses.replace(cfg, lrm=with_runtime_options(
-      cfg.lrm, remat=config.model.remat, dtype=config.model.dtype,
+      lrm, remat=config.model.remat, dtype=config.model.dtype,
       attention_chunk=config.model.attention_chunk))
   return KaoLRM(cfg, flame, nnx.Rngs(config.seed))
 

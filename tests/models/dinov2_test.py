@@ -53,3 +53,34 @@ def test_resize_matches_torch_bicubic(in_size, out_size, antialias):
   np.testing.assert_allclose(got, want, atol=1e-5)
   matrix = antialias_bicubic_matrix if antialias else bicubic_matrix
   np.testing.assert_allclose(matrix(in_size, out_size).sum(1), 1.0)
+
+
+def test_sincos_position_table():
+  from kaojax.models.dinov2 import sincos_positions
+  table = np.asarray(sincos_positions(3, 8))
+  assert table.shape == (10, 8)
+  np.testing.assert_array_equal(table[0], 0.0)                         # CLS
+  freqs = np.array([1.0, 0.01])                                        # 1 / 10000^(k/2)
+  row, col = 1, 2                                                      # patch 1 * 3 + 2
+  expected = np.concatenate([np.sin(row * freqs), np.cos(row * freqs),
+                             np.sin(col * freqs), np.cos(col * freqs)])
+  np.testing.assert_allclose(table[1 + 3 * row + col], expected, rtol=1e-6)
+  patches = table[1:]
+  assert len({tuple(np.round(p, 6)) for p in patches}) == 9           # every patch its own
+  with pytest.raises(ValueError, match="divisible by 4"):
+    sincos_positions(3, 6)
+
+
+def test_position_init_option():
+  from flax import nnx
+  import dataclasses
+  from kaojax.models.dinov2 import Dinov2, sincos_positions
+  from kaojax.models.lrm import openlrm_config
+  cfg = openlrm_config("tiny").encoder
+  assert cfg.position_init == "normal"
+  random_table = np.asarray(Dinov2(cfg, nnx.Rngs(0)).pos_embed[...])
+  assert 0.005 < random_table.std() < 0.03                             # N(0, 0.02)
+  model = Dinov2(dataclasses.replace(cfg, position_init="sincos"), nnx.Rngs(0))
+  np.testing.assert_array_equal(model.pos_embed[...][0], sincos_positions(cfg.grid, cfg.dim))
+  with pytest.raises(ValueError, match="position_init"):
+    Dinov2(dataclasses.replace(cfg, position_init="learned"), nnx.Rngs(0))

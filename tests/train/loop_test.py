@@ -29,8 +29,19 @@ def test_paper_values_in_the_default_config():
   assert (config.data.source_size, config.data.render_size, config.data.num_views) == (224, 192, 4)
   assert config.model.num_samples == 8000 and config.model.preset == "base"
   assert config.model.attention_chunk == 512  # the base preset's memory (benchmarks/train.py)
+  assert config.model.encoder_position_init == "normal"                # DINOv2's init
   with pytest.raises(ValueError, match="unknown preset"):
     stage2.get_config("huge")
+
+
+def test_tiny_encoder_positions_from_the_config():
+  from kaojax.models.dinov2 import sincos_positions
+  config = stage2.get_config("tiny")
+  assert config.model.encoder_position_init == "sincos"
+  model = loop.build_model(config, make_synthetic_flame())
+  encoder = model.encoder.cfg
+  np.testing.assert_array_equal(model.encoder.pos_embed[...][0],
+                                sincos_positions(encoder.grid, encoder.dim))
 
 
 def test_build_model_from_a_converted_directory(tmp_path):
