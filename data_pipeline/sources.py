@@ -8,6 +8,8 @@ A sample (dict of numpy arrays, batched by grain along a new leading axis):
   target_alpha    [V, R, R]
   viewmats        [V, 4, 4]       world-to-camera (OpenCV, FLAME world), normalised so
                                   view 0 is the canonical camera
+  world_to_canonical [4, 4]       (multi-view only) the rigid motion taking the dataset's
+                                  world into that normalised world
   Ks              [V, 3, 3]       pixel intrinsics at R x R
   landmarks       [V, 68, 2]      pixels at R x R (<= 0: missing)
   background      [3]
@@ -53,9 +55,10 @@ def source_camera_vector():
                    SOURCE_FOCAL, SOURCE_FOCAL, 0.5, 0.5], np.float32)
 
 
-def normalize_poses(c2w):
-  """c2w [V, 4, 4] -> the same rig moved rigidly so that view 0 is CANONICAL_C2W."""
-  return CANONICAL_C2W @ np.linalg.inv(c2w[0]) @ c2w
+def world_to_canonical(source_c2w):
+  """source_c2w [4, 4] -> [4, 4] the rigid motion of the world that puts this camera
+  at CANONICAL_C2W."""
+  return CANONICAL_C2W @ np.linalg.inv(source_c2w)
 
 
 @functools.lru_cache(maxsize=64)
@@ -154,13 +157,16 @@ def load_multiview(subject_dir, rng: np.random.Generator, cfg: PipelineConfig,
   background = np.full(3, rng.choice(BACKGROUNDS) if cfg.random_background else 1.0,
                        np.float32)
   target_rgb, target_alpha = composite_premultiplied(np.stack(targets), background)
-  c2w = normalize_poses(np.stack(c2w))
+  c2w = np.stack(c2w)
+  to_canonical = world_to_canonical(c2w[0])
+  c2w = to_canonical @ c2w
   return {
       "source": composite_premultiplied(source, 1.0)[0],
       "source_camera": source_camera_vector(),
       "target_rgb": target_rgb,
       "target_alpha": target_alpha,
       "viewmats": np.linalg.inv(c2w).astype(np.float32),
+      "world_to_canonical": to_canonical.astype(np.float32),
       "Ks": np.broadcast_to(scaled_intrinsics(K, image_size, image_size, cfg.render_size),
                             (cfg.num_views, 3, 3)).copy(),
       "landmarks": (landmarks[views] * (cfg.render_size / image_size)).astype(np.float32),

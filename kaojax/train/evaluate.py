@@ -11,6 +11,9 @@ Metrics (keys as written to metrics.jsonl, all prefixed `eval/`):
                       similarity (Umeyama) alignment, in the dataset's units
                       (synthetic data: the head normalised into [-1, 1]^3); only
                       when the dataset has ground truth (gt/params.npz)
+  rotation_error_deg  angle between the predicted FLAME global (head) rotation and the
+                      ground truth's, both in the normalised world of the source
+                      camera, over every source-view set; only with ground truth
   var_shape, var_expression, var_shape_10, var_expression_10
                       cross-view variance (1/N) sum_i ||beta_i - mean||^2 of the
                       parameters predicted from N different source views of a
@@ -35,10 +38,13 @@ class EvalSet:
   """Held-out samples, fixed for the whole run.
 
   batches: list of sample batches (white background), one per source view set;
-  gt_vertices: [S, V, 3] or None.
+  gt_vertices: [S, V, 3] or None;
+  gt_rotations: [N, S, 3, 3] or None, the head rotation of each subject in the
+    normalised world of each of the N source-view sets.
   """
   batches: list
   gt_vertices: np.ndarray = None
+  gt_rotations: np.ndarray = None
 
 
 def load_eval_set(root, split: str, cfg: sources.PipelineConfig, max_subjects: int,
@@ -54,10 +60,21 @@ def load_eval_set(root, split: str, cfg: sources.PipelineConfig, max_subjects: i
                for i, uid in enumerate(uids)]
     batches.append({k: np.stack([s[k] for s in samples]) for k in samples[0]})
   gt_files = [root / uid / "gt" / "params.npz" for uid in uids]
-  gt = None
-  if all(f.is_file() for f in gt_files):
-    gt = np.stack([np.load(f)["vertices"] for f in gt_files]).astype(np.float32)
-  return EvalSet(batches=batches, gt_vertices=gt)
+  if not all(f.is_file() for f in gt_files):
+    return EvalSet(batches=batches)
+  gt = [np.load(f) for f in gt_files]
+  head = np.asarray(geometry.axis_angle_to_matrix(
+      np.stack([g["pose"][:3] for g in gt]).astype(np.float32)))
+  rotations = np.stack([b["world_to_canonical"][:, :3, :3] @ head for b in batches])
+  return EvalSet(batches=batches,
+                 gt_vertices=np.stack([g["vertices"] for g in gt]).astype(np.float32),
+                 gt_rotations=rotations.astype(np.float32))
+
+
+def rotation_angle_deg(a, b):
+  """a, b [..., 3, 3] rotations -> [...] the angle of the rotation between them."""
+  cos = (np.trace(np.swapaxes(a, -1, -2) @ b, axis1=-2, axis2=-1) - 1) / 2
+  return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
 def psnr(a, b):
@@ -82,6 +99,7 @@ def make_eval_step(graphdef, synth_focal: float, tiling: RenderTiling = DEFAULT_
         "landmark_error_px": lmk_err,
         "psnr": psnr(color[:, 0], batch["target_rgb"][:, 0]),
         "shape": out.flame.shape, "expression": out.flame.expression,
+        "head_rotation": geometry.axis_angle_to_matrix(out.flame.pose[:, :3]),
         "vertices": out.vertices, "landmarks_px": pred,
         "render": color, "mesh_normal": renders["mesh"]["normal"],
         "mesh_mask": renders["mesh"]["mask"],
@@ -120,4 +138,8 @@ def evaluate(eval_step, params, rest, eval_set: EvalSet, key):
     scale, rotation, translation = geometry.umeyama(pred, gt)
     aligned = geometry.apply_similarity(pred, scale, rotation, translation)
     metrics["eval/vertex_error"] = float(jnp.mean(jnp.linalg.norm(aligned - gt, axis=-1)))
+  if eval_set.gt_rotations is not None:
+    pred = np.stack([o["head_rotation"] for o in outs])
+    metrics["eval/rotation_error_deg"] = float(np.mean(
+        rotation_angle_deg(pred, eval_set.gt_rotations)))
   return metrics, first

@@ -44,7 +44,7 @@ def test_canonical_camera_is_openlrms_default_source_camera():
 def test_pose_normalisation_is_rigid_and_puts_view0_at_canonical():
   c2w = np.asarray(geometry.orbit_cameras(np.array([250., 290., 300.]),
                                           np.array([0., 10., -5.]), 3.0, up="y"))
-  out = sources.normalize_poses(c2w)
+  out = sources.world_to_canonical(c2w[0]) @ c2w
   np.testing.assert_allclose(out[0], sources.CANONICAL_C2W, atol=1e-5)
   for i in (1, 2):  # relative poses unchanged
     np.testing.assert_allclose(np.linalg.inv(out[0]) @ out[i],

@@ -104,35 +104,51 @@ def _torch_value_and_grad(net, a, b, dtype):
   return value.detach().numpy(), np.transpose(pa.grad.numpy(), (0, 2, 3, 1))
 
 
+def _jit_lpips(net):
+  """-> jitted (weights, x, y) -> (lpips_loss, per-image LPIPS, d lpips_loss / d x) and
+  the net's weights. The weights are an argument: closing over them would bake 14.7M
+  constants into the program, and running op by op takes ten times as long."""
+  graphdef, weights = nnx.split(net)
+
+  def loss(x, weights, y):
+    values = nnx.merge(graphdef, weights)(x, y)
+    return lpips_loss(nnx.merge(graphdef, weights), x, y), values
+
+  @jax.jit
+  def run(weights, x, y):
+    (mean, values), grad = jax.value_and_grad(loss, has_aux=True)(x, weights, y)
+    return mean, values, grad
+
+  return run, weights
+
+
 def test_lpips_matches_the_lpips_package_value_and_input_gradient(torch_lpips, tmp_path):
   net, vgg_state, lin_path = torch_lpips
   vgg_file = tmp_path / "vgg16.pth"
   torch.save(vgg_state, vgg_file)
   vgg_convert.main(["--vgg", str(vgg_file), "--lin", str(lin_path),
                     "--out", str(tmp_path / "lpips_vgg")])
-  ours = vgg_convert.load_lpips(tmp_path / "lpips_vgg")
+  run, weights = _jit_lpips(vgg_convert.load_lpips(tmp_path / "lpips_vgg"))
   a, b = _images(0)
+  count = a.shape[0]
 
   want, want_grad = _torch_value_and_grad(net, a, b, torch.float32)
-  loss = lambda x: jnp.sum(ours(x, jnp.asarray(b)))
-  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(a), jnp.asarray(b))), want,
-                             rtol=1e-5)
-  assert float(lpips_loss(ours, jnp.asarray(a), jnp.asarray(b))) == pytest.approx(
-      float(want.mean()), rel=1e-5)
+  mean, values, grad = run(weights, jnp.asarray(a), jnp.asarray(b))
+  np.testing.assert_allclose(np.asarray(values), want, rtol=1e-5)
+  assert float(mean) == pytest.approx(float(want.mean()), rel=1e-5)
   # float32 gradients of a deep random ReLU net differ between any two float32
   # implementations where a pre-activation sits within rounding of 0 ...
-  grad = np.asarray(jax.grad(loss)(jnp.asarray(a)))
+  grad = count * np.asarray(grad)   # torch's is the gradient of the sum
   assert np.linalg.norm(grad - want_grad) < 1e-2 * np.linalg.norm(want_grad)
   # ... so the gradient is checked tightly in float64, on both sides.
   want64, want_grad64 = _torch_value_and_grad(net, a, b, torch.float64)
   with jax.enable_x64(True):
-    state = nnx.state(ours, nnx.Param)
-    nnx.update(ours, jax.tree.map(lambda v: v.astype(jnp.float64), state))
-    a64, b64 = jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64)
-    value64, grad64 = jax.value_and_grad(lambda x: jnp.sum(ours(x, b64)))(a64)
+    weights64 = jax.tree.map(lambda v: v.astype(jnp.float64), weights)
+    mean64, _, grad64 = run(weights64, jnp.asarray(a, jnp.float64),
+                            jnp.asarray(b, jnp.float64))
     assert grad64.dtype == jnp.float64
-    assert float(value64) == pytest.approx(float(want64.sum()), rel=1e-7)  # lpips keeps its constants in float32
-    np.testing.assert_allclose(np.asarray(grad64), want_grad64, rtol=1e-5,
+    assert float(mean64) * count == pytest.approx(float(want64.sum()), rel=1e-7)  # lpips keeps its constants in float32
+    np.testing.assert_allclose(count * np.asarray(grad64), want_grad64, rtol=1e-5,
                                atol=1e-6 * np.abs(want_grad64).max())
 
 
@@ -161,11 +177,12 @@ def test_converter_lists_missing_and_unexpected_keys(torch_lpips):
 
 def test_lpips_is_zero_for_equal_images_batches_and_has_finite_gradients():
   net = LPIPS(nnx.Rngs(0), widths=((4, 4), (8, 8), (8, 8, 8), (8, 8, 8), (8, 8, 8)))
+  run, weights = _jit_lpips(net)
   a, b = _images(2, (2, 3, 32, 32, 3))
-  assert np.allclose(np.asarray(net(a, a)), 0.0, atol=1e-7)
-  batched = np.asarray(net(a, b))
+  assert np.allclose(np.asarray(run(weights, a, a)[1]), 0.0, atol=1e-7)
+  _, batched, _ = run(weights, a, b)
   assert batched.shape == (2, 3)
-  np.testing.assert_allclose(batched[1, 2], np.asarray(net(a[1, 2], b[1, 2])), rtol=1e-5)
+  np.testing.assert_allclose(batched[1, 2], run(weights, a[1, 2], b[1, 2])[1], rtol=1e-5)
   # a black image kills every ReLU of a small net: the gradient stays finite
-  grad = jax.grad(lambda x: lpips_loss(net, x, jnp.asarray(b)))(jnp.zeros_like(a))
+  _, _, grad = run(weights, jnp.zeros_like(a), jnp.asarray(b))
   assert np.all(np.isfinite(np.asarray(grad)))

@@ -154,7 +154,8 @@ def test_render_tiling_reaches_the_renderers(setup):
   _, model, images, cameras = setup
   size = 24
   viewmats, Ks = _front_camera(size)
-  out = model(images, cameras, jax.random.key(0), synth_focal=0.75)
+  out = nnx.jit(lambda m, x, c: m(x, c, jax.random.key(0), synth_focal=0.75))(
+      model, images, cameras)
   faces = model.flame_model.faces
   exact = rasterize_mesh(out.vertices, faces, viewmats, Ks, size, size, tile_size=4,
                          tile_capacity=len(faces))

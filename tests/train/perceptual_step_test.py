@@ -39,9 +39,13 @@ def test_lpips_term_is_computed_on_the_surfel_renders_and_trains():
                            perceptual=net)
   key = jax.random.key(4)
 
-  model = nnx.merge(graphdef, state.params, state.rest)
-  _, renders = forward_and_render(model, batch, key, 0.75, mesh=False)
-  want = float(losses.lpips_loss(net, renders["surfels"]["color"], batch["target_rgb"]))
+  @jax.jit
+  def lpips_of_the_renders(params, rest):
+    model = nnx.merge(graphdef, params, rest)
+    _, renders = forward_and_render(model, batch, key, 0.75, mesh=False)
+    return losses.lpips_loss(net, renders["surfels"]["color"], batch["target_rgb"])
+
+  want = float(lpips_of_the_renders(state.params, state.rest))
 
   start = [np.asarray(x) for x in jax.tree.leaves(state.params)]
   new_state, metrics = step(jax.tree.map(jnp.copy, state), batch, key)   # donates it

@@ -1,4 +1,5 @@
-"""Training resumes exactly: 6 steps straight == 3 steps, restart, 3 steps."""
+"""Training resumes exactly: 6 steps straight == 3 steps, restart, 3 steps, held-out
+evaluations included."""
 
 import jax
 import numpy as np
@@ -28,7 +29,9 @@ def _config(root):
   config.total_steps = 6
   config.stage1_steps = 3  # the restart happens exactly at the stage switch
   config.log_every = 1
-  config.eval_every = 0
+  config.eval_every = 3
+  config.eval.max_subjects = 1
+  config.eval.num_source_views = 2
   config.async_checkpoints = False
   return config
 
@@ -44,12 +47,21 @@ def test_restart_gives_identical_metrics_and_parameters(dataset, tmp_path):
   first = _config(dataset)
   first.stop_at_step = 3
   train_and_evaluate(first, resumed)
-  assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3]
+  assert [r["step"] for r in read_metrics(resumed) if "loss" in r] == [1, 2, 3]
   train_and_evaluate(_config(dataset), resumed)
 
   a, b = read_metrics(straight), read_metrics(resumed)
-  assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-  assert [r["stage"] for r in a] == [1, 1, 1, 2, 2, 2]
+  train_a = [r for r in a if "loss" in r]
+  assert [r["step"] for r in train_a] == [1, 2, 3, 4, 5, 6]
+  assert [r["stage"] for r in train_a] == [1, 1, 1, 2, 2, 2]
+  # evaluations at the start, at the stage switch (stage I's) and at the end
+  evals = [r for r in a if "eval/landmark_error_px" in r]
+  assert [(r["step"], r["stage"]) for r in evals] == [(0, 1), (3, 1), (6, 2)]
+  for r in evals:
+    assert {"eval/psnr", "eval/vertex_error", "eval/rotation_error_deg",
+            "eval/var_shape"} <= set(r)
+    assert 0 <= r["eval/rotation_error_deg"] <= 180 and np.isfinite(r["eval/psnr"])
+  assert len(a) == len(b)
   for row_a, row_b in zip(a, b):
     assert row_a == row_b
   for x, y in zip(_final_params(straight), _final_params(resumed)):
