@@ -95,7 +95,16 @@ def base_config():
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1             # -1: all devices not used by fsdp
   config.mesh.fsdp = 1
-  config.multihost = False          # jax.distributed.initialize() at start
+  # Multi-host: jax.distributed.initialize() at start. Empty / -1 fields are detected
+  # from the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU; JAX_COORDINATOR_ADDRESS);
+  # elsewhere set all three, e.g. on host i of 2:
+  #   --config.distributed.coordinator_address=host0:1234
+  #   --config.distributed.num_processes=2 --config.distributed.process_id=i
+  config.multihost = False
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ""
+  config.distributed.num_processes = -1
+  config.distributed.process_id = -1
 
   config.log_every = 50
   config.eval_every = 2000

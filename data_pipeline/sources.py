@@ -25,7 +25,7 @@ import pathlib
 
 import grain
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 
 from data_pipeline import layout
@@ -262,5 +262,9 @@ def iterate(dataset, start_step: int = 0, num_workers: int = 0):
   it = dataset[start_step:].to_iter_dataset(grain.ReadOptions(num_threads=2,
                                                               prefetch_buffer_size=2))
   if num_workers > 0:
+    # grain's workers read absl flags, unparsed when not started through absl.app
+    # (a notebook, a test): use their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(it)

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from data_pipeline import sources, synthetic
@@ -78,7 +79,7 @@ def dataset_root(config, workdir) -> pathlib.Path:
   root = pathlib.Path(workdir) / "synthetic_data"
   monocular = config.data.kind == "monocular"
   target = pathlib.Path(workdir) / "synthetic_data_mono" if monocular else root
-  if not (target / SYNTHETIC_DONE).is_file():
+  def generate():
     syn = config.data.synthetic
     logging.info("generating the synthetic dataset (%d subjects x %d views) in %s",
                  syn.num_subjects, syn.num_views, root)
@@ -87,6 +88,15 @@ def dataset_root(config, workdir) -> pathlib.Path:
                        val_fraction=syn.val_fraction,
                        monocular_out=target if monocular else None)
     (target / SYNTHETIC_DONE).write_text(json.dumps(syn.to_dict()))
+
+  # Multi-host: process 0 writes while the others wait; a host whose work directory
+  # is not shared with process 0's then writes its own copy (the same, by the seed).
+  if jax.process_index() == 0 and not (target / SYNTHETIC_DONE).is_file():
+    generate()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("synthetic dataset")
+    if not (target / SYNTHETIC_DONE).is_file():
+      generate()
   return target
 
 
@@ -199,6 +209,17 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+def initialize_distributed(distributed):
+  """jax.distributed.initialize with config.distributed's fields; the empty ones are
+  left to JAX's cluster detection."""
+  jax.distributed.initialize(
+      coordinator_address=distributed.coordinator_address or None,
+      num_processes=distributed.num_processes if distributed.num_processes > 0 else None,
+      process_id=distributed.process_id if distributed.process_id >= 0 else None)
+  logging.info("process %d of %d; %d local and %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def train_and_evaluate(config, workdir) -> dict:
   """Trains KaoLRM as `config` says, writing everything into `workdir`.
   Returns the last evaluation metrics."""
@@ -206,7 +227,7 @@ def train_and_evaluate(config, workdir) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if config.multihost:
-    jax.distributed.initialize()
+    initialize_distributed(config.distributed)
   render_native.set_default_backend(config.render.get("backend", "auto"))
   logging.info("renderers: %s", render_native.resolve())
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -219,6 +240,9 @@ def train_and_evaluate(config, workdir) -> dict:
   weights = {stage: losses.stage_weights(stage, multiview, config.loss.weights_override)
              for stage in (1, 2)}
   perceptual = build_perceptual(config, weights)
+  if config.init.stage1_checkpoint and not pathlib.Path(config.init.stage1_checkpoint).is_dir():
+    raise FileNotFoundError(f"config.init.stage1_checkpoint: {config.init.stage1_checkpoint} "
+                            "is not a directory (give a stage-I run's checkpoints/ folder)")
 
   flame = build_flame(config)
   model = build_model(config, flame)

@@ -123,6 +123,13 @@ def test_grain_pipeline_batches_resumes_and_shards(multiview_root):
   resumed = next(sources.iterate(dataset, start_step=2))
   for k in resumed:
     np.testing.assert_array_equal(resumed[k], batches[2][k])
+  # Worker processes (config.data.num_workers) load the same batches, resumed too.
+  it = sources.iterate(dataset, start_step=1, num_workers=2)
+  for batch in batches[1:]:
+    loaded = next(it)
+    assert loaded.keys() == batch.keys()
+    for k in batch:
+      np.testing.assert_array_equal(loaded[k], batch[k])
   # Two hosts read disjoint subjects.
   seen = []
   for host in range(2):

@@ -1,7 +1,9 @@
-"""Pieces of the training loop: schedules, model building from converted weights."""
+"""Pieces of the training loop: schedules, model building from converted weights,
+initialisation from a stage-I checkpoint."""
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -11,6 +13,7 @@ from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.models.kaolrm import KaoLRM, kaolrm_config
 from kaojax.models.lrm import OpenLRM, openlrm_config
 from kaojax.train import loop
+from tests.train.tiny_run import tiny_config
 
 
 def test_stage_schedule_by_epoch_and_by_step():
@@ -61,3 +64,33 @@ def test_build_model_from_a_converted_directory(tmp_path):
   config.init.converted_model = str(tmp_path / "openlrm")
   with pytest.raises(ValueError, match="--kind kaolrm-init"):
     loop.build_model(config, flame)
+
+
+def test_init_from_a_stage1_checkpoint(tiny_dataset, tmp_path):
+  """A run started from another run's checkpoints takes its parameters (trainable and
+  frozen) and starts at step 0 with a fresh optimiser."""
+  earlier = tiny_config(tiny_dataset, total_steps=2, stage1_steps=2, eval_every=0)
+  earlier.seed = 5
+  earlier.stop_at_step = 0      # saves the initial state at step 0: no step to compile
+  loop.train_and_evaluate(earlier, tmp_path / "stage1")
+  config = tiny_config(tiny_dataset, total_steps=2, stage1_steps=0, eval_every=0)
+  config.init.stage1_checkpoint = str(tmp_path / "stage1" / "checkpoints")
+  config.stop_at_step = 0
+  loop.train_and_evaluate(config, tmp_path / "stage2")
+  restore = lambda run: ocp.StandardCheckpointer().restore(
+      tmp_path / run / "checkpoints" / "0" / "default")
+  source, started = restore("stage1"), restore("stage2")
+  assert int(started["step"]) == 0
+  for part in ("params", "rest"):
+    for a, b in zip(jax.tree.leaves(source[part]), jax.tree.leaves(started[part])):
+      np.testing.assert_array_equal(a, b)
+  # and they are not what this run's own seed gives
+  fresh = nnx.state(loop.build_model(config, make_synthetic_flame()), nnx.Param)
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(fresh), jax.tree.leaves(nnx.state(
+          loop.build_model(earlier, make_synthetic_flame()), nnx.Param))))
+
+  config.init.stage1_checkpoint = str(tmp_path / "typo")
+  with pytest.raises(FileNotFoundError, match="stage1_checkpoint: .*typo is not a directory"):
+    loop.train_and_evaluate(config, tmp_path / "stage2b")
+  assert not (tmp_path / "typo").exists() and not (tmp_path / "stage2b" / "checkpoints").exists()

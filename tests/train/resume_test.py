@@ -4,36 +4,15 @@ evaluations included."""
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
-from configs import stage2
-from data_pipeline import synthetic
 from kaojax.train.loop import train_and_evaluate
 from kaojax.train.metrics import read_metrics
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  root = tmp_path_factory.mktemp("synthetic")
-  synthetic.generate(root, num_subjects=6, num_views=4, image_size=32, seed=1,
-                     progress=False)
-  return root
+from tests.train.tiny_run import tiny_config
 
 
 def _config(root):
-  config = stage2.get_config("tiny")
-  config.data.root = str(root)
-  config.data.render_size = 24
-  config.model.num_samples = 128
-  config.batch_size = 2
-  config.total_steps = 6
-  config.stage1_steps = 3  # the restart happens exactly at the stage switch
-  config.log_every = 1
-  config.eval_every = 3
-  config.eval.max_subjects = 1
-  config.eval.num_source_views = 2
-  config.async_checkpoints = False
-  return config
+  # the restart happens exactly at the stage switch
+  return tiny_config(root, total_steps=6, stage1_steps=3, eval_every=3)
 
 
 def _final_params(workdir):
@@ -41,14 +20,14 @@ def _final_params(workdir):
   return jax.tree.leaves(ocp.StandardCheckpointer().restore(path)["params"])
 
 
-def test_restart_gives_identical_metrics_and_parameters(dataset, tmp_path):
+def test_restart_gives_identical_metrics_and_parameters(tiny_dataset, tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train_and_evaluate(_config(dataset), straight)
-  first = _config(dataset)
+  train_and_evaluate(_config(tiny_dataset), straight)
+  first = _config(tiny_dataset)
   first.stop_at_step = 3
   train_and_evaluate(first, resumed)
   assert [r["step"] for r in read_metrics(resumed) if "loss" in r] == [1, 2, 3]
-  train_and_evaluate(_config(dataset), resumed)
+  train_and_evaluate(_config(tiny_dataset), resumed)
 
   a, b = read_metrics(straight), read_metrics(resumed)
   train_a = [r for r in a if "loss" in r]
