@@ -68,7 +68,7 @@ def test_build_model_from_a_converted_directory(tmp_path):
 
 def test_init_from_a_stage1_checkpoint(tiny_dataset, tmp_path):
   """A run started from another run's checkpoints takes its parameters (trainable and
-  frozen) and starts at step 0 with a fresh optimiser."""
+  frozen) and starts at step 0; a missing folder fails before anything is written."""
   earlier = tiny_config(tiny_dataset, total_steps=2, stage1_steps=2, eval_every=0)
   earlier.seed = 5
   earlier.stop_at_step = 0      # saves the initial state at step 0: no step to compile

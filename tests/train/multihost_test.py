@@ -64,7 +64,11 @@ def test_two_processes_train_as_one_fed_the_same_global_batches(tmp_path, monkey
       [sys.executable, "-m", "tests.train.multihost_worker", str(port), str(i), str(HOSTS),
        str(multi)], env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(HOSTS)]
-  logs = [w.communicate(timeout=900)[0] for w in workers]
+  try:
+    logs = [w.communicate(timeout=900)[0] for w in workers]
+  finally:  # one that failed leaves the other waiting for it
+    for w in workers:
+      w.kill()
   for i, (w, log) in enumerate(zip(workers, logs)):
     assert w.returncode == 0, f"process {i}:\n{log[-4000:]}"
   for i, log in enumerate(logs):
