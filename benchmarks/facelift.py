@@ -2,13 +2,14 @@
 in the same run:
 
 - UNet step: kaojax UNet vs diffusers.UNet2DConditionModel with the same random
-  weights (loaded through kaojax.convert.diffusers), SD2.1-unCLIP layout at reduced
-  width; the peer runs stock per-image attention, so the like-for-like kaojax figure
-  is num_views=1; the sparse multi-view figure (num_views=6, 2x the attention keys)
-  is reported beside it.
+  weights (loaded through kaojax.convert.diffusers), at the `small` preset
+  (SD2.1-unCLIP layout at a fifth of the width) or the `tiny` preset (--quick); the
+  peer runs stock per-image attention, so the like-for-like kaojax figure is
+  num_views=1; the sparse multi-view figure (num_views=6, 2x the attention keys) is
+  reported beside it.
 - GS-LRM forward: kaojax GSLRM vs a PyTorch transcription of the same network (same
-  weights; outputs checked equal first), at the size of the `gslrm_tiny` oracle case
-  (--quick) or a mid-size model. The kaojax figure covers the whole forward (ray
+  weights; outputs checked equal first), at the `small` preset (6 layers of width
+  512) or the `tiny` preset (--quick). The kaojax figure covers the whole forward (ray
   encoding, transformer, heads, activations); the peer times the patch tokens ->
   raw Gaussians part only, so the comparison favours the peer.
 
@@ -38,21 +39,10 @@ def bench_unet(quick: bool, repeats: int):
   from diffusers import UNet2DConditionModel
   from flax import nnx
   from kaojax.convert.diffusers import load_unet
+  from kaojax.models.mvdiffusion.unet import unet_config
 
-  if quick:
-    config = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
-                  cross_attention_dim=64, norm_num_groups=8, projection_class_embeddings_input_dim=64)
-    latent, tokens = 16, 77
-  else:
-    config = dict(block_out_channels=(64, 128, 256, 256),
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                  attention_head_dim=(1, 2, 4, 4), cross_attention_dim=1024, norm_num_groups=32,
-                  projection_class_embeddings_input_dim=2048)
-    latent, tokens = 32, 77
-  config.update(in_channels=8, out_channels=4, layers_per_block=2, use_linear_projection=True,
-                class_embed_type="projection", flip_sin_to_cos=True, freq_shift=0)
+  config = unet_config("tiny" if quick else "small").to_diffusers()
+  latent, tokens = (16 if quick else 32), 77
   torch.manual_seed(0)
   ref = UNet2DConditionModel(**config).eval()
   folder = tempfile.mkdtemp()
@@ -113,13 +103,11 @@ def bench_gslrm(quick: bool, repeats: int):
   from flax import nnx
   from kaojax.convert.gslrm import load_gslrm
   from kaojax.geometry.cameras import facelift_cameras
-  from kaojax.models.gslrm import GSLRMConfig, patchify
+  from kaojax.models.gslrm import gslrm_config, patchify
   from kaojax.geometry.rays import facelift_ray_encoding
 
-  if quick:     # the gslrm_tiny oracle size
-    cfg, size, views = GSLRMConfig(dim=128, heads=2, head_dim=64, layers=2, patch=8), 64, 2
-  else:
-    cfg, size, views = GSLRMConfig(dim=512, heads=8, head_dim=64, layers=6, patch=8), 256, 6
+  cfg = gslrm_config("tiny" if quick else "small")
+  size, views = (64, 2) if quick else (256, 6)
   rng = np.random.default_rng(0)
   r = lambda *s: (rng.normal(size=s) / np.sqrt(s[-1])).astype(np.float32)
   d = cfg.dim

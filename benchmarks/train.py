@@ -26,38 +26,27 @@ import numpy as np
 from flax import nnx
 
 from timing import best_time, device_peak_bytes, lowered_flops, peak_flops
-from kaojax import geometry, losses
+from configs import stage2
+from data_pipeline.batch import random_batch
+from kaojax import losses
 from kaojax.flame.synthetic import make_synthetic_flame
-from kaojax.models.kaolrm import TRAINABLE, KaoLRM, RenderTiling, kaolrm_config
+from kaojax.models.kaolrm import KaoLRM
 from kaojax.models.lrm import with_runtime_options
+from kaojax.nn.params import TRAINABLE
+from kaojax.train.loop import model_config, render_tiling
 from kaojax.train.optimizer import make_optimizer
 from kaojax.train.step import create_state, make_train_step
 
-# preset -> (batch, views, source size, render size, surface samples, tile settings);
-# tiny as configs/kaolrm_common.tiny_overrides.
-SETTINGS = {
-    "tiny": (4, 4, 56, 32, 256, RenderTiling(surfel_capacity=64, mesh_capacity=2048,
-                                             mesh_tile_size=4)),
-    "small": (1, 4, 224, 192, 8000, RenderTiling()),
-    "base": (1, 4, 224, 192, 8000, RenderTiling()),
-}
 
-
-def random_batch(batch, views, source, render, seed=0):
-  rng = np.random.default_rng(seed)
-  c2w = np.asarray(geometry.orbit_cameras(rng.uniform(230, 310, (batch, views)),
-                                          rng.uniform(-20, 30, (batch, views)), 2.0, up="y"))
-  K = np.array([[0.75 * render, 0, render / 2], [0, 0.75 * render, render / 2], [0, 0, 1]])
-  return {
-      "source": rng.uniform(size=(batch, source, source, 3)).astype(np.float32),
-      "source_camera": np.tile(np.asarray(geometry.default_openlrm_source_camera()), (batch, 1)),
-      "target_rgb": rng.uniform(size=(batch, views, render, render, 3)).astype(np.float32),
-      "target_alpha": rng.uniform(size=(batch, views, render, render)).astype(np.float32),
-      "viewmats": np.linalg.inv(c2w).astype(np.float32),
-      "Ks": np.broadcast_to(K, (batch, views, 3, 3)).astype(np.float32),
-      "landmarks": rng.uniform(1, render - 1, (batch, views, 68, 2)).astype(np.float32),
-      "background": np.ones((batch, 3), np.float32),
-  }
+def run_config(preset):
+  """The run config of `configs/stage2.py` at `preset` ("tiny": its tiny preset; a
+  model size: the paper's settings with that backbone, batch 1 for the CPU)."""
+  if preset == "tiny":
+    return stage2.get_config("tiny")
+  config = stage2.get_config()
+  config.model.preset = preset
+  config.batch_size = 1
+  return config
 
 
 def model_flops(cfg, flame, tx, weights, tiling, state, batch, key):
@@ -66,18 +55,20 @@ def model_flops(cfg, flame, tx, weights, tiling, state, batch, key):
   The model's FLOPs, not those of the blocked attention's recomputation."""
   plain = dataclasses.replace(cfg, lrm=with_runtime_options(cfg.lrm, remat=False,
                                                             attention_chunk=0))
-  graphdef = nnx.split(nnx.eval_shape(lambda: KaoLRM(plain, flame, nnx.Rngs(0))),
-                       TRAINABLE, ...)[0]
+  graphdef = nnx.split(KaoLRM.abstract(plain, flame), TRAINABLE, ...)[0]
   return lowered_flops(jax.jit(make_train_step(graphdef, tx, weights, 0.75, tiling)),
                        state, batch, key)
 
 
 def measure(preset, repeats, remat=False, attention_chunk=512, batch_size=None):
-  default_batch, views, source, render, samples, tiling = SETTINGS[preset]
-  batch_size = batch_size or default_batch
-  cfg = kaolrm_config(preset, num_samples=samples)
-  cfg = dataclasses.replace(cfg, lrm=with_runtime_options(cfg.lrm, remat=remat,
-                                                       attention_chunk=attention_chunk))
+  config = run_config(preset)
+  config.model.remat = remat
+  config.model.attention_chunk = attention_chunk
+  batch_size = batch_size or config.batch_size
+  views, source, render = (config.data.num_views, config.data.source_size,
+                           config.data.render_size)
+  samples, tiling = config.model.num_samples, render_tiling(config)
+  cfg = model_config(config)
   flame = make_synthetic_flame()
   model = KaoLRM(cfg, flame, nnx.Rngs(0))
   tx = make_optimizer(1e-4, 10, 1000)
@@ -102,7 +93,7 @@ def measure(preset, repeats, remat=False, attention_chunk=512, batch_size=None):
 
   def network_only(params, rest):
     m = nnx.merge(graphdef, params, rest)
-    out = m(batch["source"], batch["source_camera"], key)
+    out = m(batch.source, batch.source_camera, key)
     return (out.gaussians.colors.sum() + out.flame.raw.sum()).astype(np.float32)
 
   net = jax.jit(jax.grad(network_only))

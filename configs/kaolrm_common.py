@@ -92,9 +92,9 @@ def base_config():
   # turns the term off.
   config.loss.lpips_weights = ""
 
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1             # -1: all devices not used by fsdp
-  config.mesh.fsdp = 1
+  config.device_mesh = ml_collections.ConfigDict()
+  config.device_mesh.data = -1      # -1: all devices not used by fsdp
+  config.device_mesh.fsdp = 1
   # Multi-host: jax.distributed.initialize() at start. Empty / -1 fields are detected
   # from the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU; JAX_COORDINATOR_ADDRESS);
   # elsewhere set all three, e.g. on host i of 2:

@@ -1,19 +1,8 @@
 """grain pipelines for KaoLRM training: multi-view and monocular datasets.
 
-A sample (dict of numpy arrays, batched by grain along a new leading axis):
-
-  source          [S, S, 3]       source view composited on white, S = source_size
-  source_camera   [16]            OpenLRM camera vector of the canonical source camera
-  target_rgb      [V, R, R, 3]    the V views (first = source) on `background`
-  target_alpha    [V, R, R]
-  viewmats        [V, 4, 4]       world-to-camera (OpenCV, FLAME world), normalised so
-                                  view 0 is the canonical camera
-  world_to_canonical [4, 4]       (multi-view only) the rigid motion taking the dataset's
-                                  world into that normalised world
-  Ks              [V, 3, 3]       pixel intrinsics at R x R
-  landmarks       [V, 68, 2]      pixels at R x R (<= 0: missing)
-  background      [3]
-  num_skipped     []              unreadable subjects replaced to build this sample
+A sample is a dict of numpy arrays with the fields of `data_pipeline.batch.Batch`
+without the batch axis (`world_to_canonical` for multi-view data only); grain
+batches samples into a `Batch` with `make_batch`.
 
 Unreadable subjects (missing / corrupt files) are logged with their path and replaced
 by the next subject, so a run never stops for one bad file.
@@ -29,13 +18,14 @@ from absl import flags, logging
 from PIL import Image
 
 from data_pipeline import layout
+from data_pipeline.batch import make_batch
+from kaojax.geometry.cameras import SOURCE_FOCAL
 
 # The canonical source camera in the FLAME world (Y up): at (0, 0, 2) looking down -Z
 # at the face, OpenCV axes; the same camera as OpenLRM's default source camera
 # (geometry.default_openlrm_source_camera) moved to the FLAME world.
 CANONICAL_C2W = np.array([[1, 0, 0, 0], [0, -1, 0, 0], [0, 0, -1, 2], [0, 0, 0, 1]],
                          np.float32)
-SOURCE_FOCAL = 0.75  # normalised focal of the source camera (always)
 BACKGROUNDS = (0.0, 0.5, 1.0)
 MAX_REPLACEMENTS = 16
 
@@ -243,7 +233,8 @@ def monocular_loader(root, split: str, synth_focal: float, cfg: PipelineConfig):
 
 def make_dataset(loader: SkippingLoader, batch_size: int, seed: int,
                  shuffle: bool = True, process_index: int = 0, process_count: int = 1):
-  """Batched grain MapDataset over an endless (or, unshuffled, single) pass.
+  """Batched grain MapDataset (of `Batch`es) over an endless (or, unshuffled,
+  single) pass.
 
   Batch `b` of host `process_index` is a pure function of (seed, b): a run resumes
   exactly by slicing `dataset[step:]`. Each host reads a disjoint stride of the
@@ -254,7 +245,7 @@ def make_dataset(loader: SkippingLoader, batch_size: int, seed: int,
   if shuffle:
     indices = indices.shuffle(seed=seed).repeat()
   dataset = indices.seed(seed).random_map(loader)
-  return dataset.batch(batch_size, drop_remainder=True)
+  return dataset.batch(batch_size, drop_remainder=True, batch_fn=make_batch)
 
 
 def iterate(dataset, start_step: int = 0, num_workers: int = 0):

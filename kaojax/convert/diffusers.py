@@ -12,8 +12,15 @@ Old-style VAE attention names (query, key, value, proj_attn) are renamed to
 (to_q, to_k, to_v, to_out.0). Missing, unexpected and mis-shaped keys are reported
 together in one `CheckpointError`. FaceLift's UNet has `in_channels` 8 (`conv_in.weight`
 [320, 8, 3, 3]); its config.json says so.
+
+    python -m kaojax.convert.diffusers --in mvdiffusion/unet --out weights/unet
+
+writes a kaojax model directory (`kaojax.models.loading` layout, kind "unet" or "vae":
+the config and the parameters); `load_unet` / `load_vae` take that directory as well
+as the diffusers folder.
 """
 
+import dataclasses
 import functools
 import os
 import pathlib
@@ -22,9 +29,10 @@ from typing import Mapping, Optional, Union
 import numpy as np
 from flax import nnx
 
-from kaojax.convert.torch_state import (StateMapping, assign_state,
-                                        conv_kernel_hwio, linear_kernel, param_shapes,
-                                        read_json, read_state_dict)
+from kaojax.convert.torch_state import (StateMapping, assign_state, conv_kernel_hwio,
+                                        linear_kernel, param_count, param_shapes, read_json,
+                                        read_state_dict)
+from kaojax.models import loading
 from kaojax.models.mvdiffusion.unet import UNet, UNetConfig
 from kaojax.models.mvdiffusion.vae import VAE, VAEConfig
 
@@ -32,6 +40,9 @@ PathLike = Union[str, os.PathLike]
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
 _OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+# kind of a converted directory: (module, config, diffusers class name)
+MODELS = {"unet": (UNet, UNetConfig, "UNet2DConditionModel"),
+          "vae": (VAE, VAEConfig, "AutoencoderKL")}
 
 
 def read_diffusers_folder(folder: PathLike):
@@ -81,7 +92,7 @@ def mirrored_arrays(state: Mapping[str, np.ndarray], model: nnx.Module,
 
 @functools.lru_cache(maxsize=4)
 def _abstract_parts(kind, cfg):
-  build = {"unet": UNet, "vae": VAE}[kind]
+  build = MODELS[kind][0]
   return nnx.split(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))))
 
 
@@ -95,7 +106,8 @@ def _abstract(kind: str, cfg):
 def load_unet(folder: Optional[PathLike] = None, *, config: Optional[dict] = None,
               state: Optional[Mapping[str, np.ndarray]] = None, num_views: int = 6,
               **overrides) -> UNet:
-  """A diffusers UNet2DConditionModel folder (or config + state dict) -> kaojax UNet."""
+  """A diffusers UNet2DConditionModel folder (or config + state dict) -> kaojax UNet.
+  `overrides` replace UNetConfig fields (execution options: dtype, attention_chunk)."""
   source = "UNet state dict"
   if folder is not None:
     config, state = read_diffusers_folder(folder)
@@ -121,3 +133,49 @@ def load_vae(folder: Optional[PathLike] = None, *, config: Optional[dict] = None
   model = _abstract("vae", cfg)
   assign_state(model, mirrored_arrays(state, model, source))
   return model
+
+
+# ----------------------------------------------------------------------------
+# Command line: convert once, save a kaojax model directory.
+
+
+def convert(src: PathLike, out: PathLike, kind: str = "auto", num_views: int = 6,
+            overwrite: bool = False):
+  """diffusers model folder `src` -> model directory `out`; returns the model.
+  kind: "unet", "vae" or "auto" (from config.json's _class_name)."""
+  config, state = read_diffusers_folder(src)
+  if kind == "auto":
+    kinds = {name: k for k, (_, _, name) in MODELS.items()}
+    if config.get("_class_name") not in kinds:
+      raise ValueError(f"{src}: config.json's _class_name {config.get('_class_name')!r} is "
+                       f"not one of {sorted(kinds)}; pass the kind")
+    kind = kinds[config["_class_name"]]
+  if kind == "unet":
+    model = load_unet(config=config, state=state, num_views=num_views)
+  else:
+    model = load_vae(config=config, state=state)
+  loading.save_network(out, model, overwrite=overwrite)
+  return model
+
+
+def main(argv=None):
+  import argparse
+  parser = argparse.ArgumentParser(
+      prog="python -m kaojax.convert.diffusers",
+      description="Convert a diffusers UNet2DConditionModel or AutoencoderKL folder into a "
+                  "kaojax model directory (load it with kaojax.convert.diffusers.load_unet / "
+                  "load_vae).")
+  parser.add_argument("--in", dest="src", required=True,
+                      help="diffusers model folder (config.json + diffusion_pytorch_model.*)")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--kind", default="auto", choices=("auto",) + tuple(MODELS))
+  parser.add_argument("--num-views", type=int, default=6,
+                      help="UNet: views per group of the multi-view attention")
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  model = convert(args.src, args.out, args.kind, args.num_views, args.overwrite)
+  print(f"saved {type(model).__name__} ({param_count(model):,} parameters) to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -5,8 +5,15 @@ Accepted inputs: a `torch.save` file holding {"model": state_dict, "optimizer": 
 `.safetensors` state dict. `loss_calculator.*` (VGG/LPIPS weights of the training
 loss) are dropped; any other unused key, any missing key and any mis-shaped key is
 reported in one `CheckpointError`.
+
+    python -m kaojax.convert.gslrm --in gslrm.pt --out weights/gslrm
+
+writes a kaojax model directory (`kaojax.models.loading` layout, kind "gslrm": the
+GSLRMConfig and the parameters, no PyTorch needed to read it); `load_gslrm` takes
+that directory as well as the checkpoint.
 """
 
+import dataclasses
 import os
 import pathlib
 from typing import Mapping, Optional, Union
@@ -15,11 +22,13 @@ import numpy as np
 from flax import nnx
 
 from kaojax.convert.torch_state import (CheckpointError, StateMapping, assign_state,
-                                        linear_kernel, param_shapes)
+                                        linear_kernel, param_count, param_shapes)
 from kaojax.models.gslrm import GSLRM, GSLRMConfig
+from kaojax.models import loading
 
 PathLike = Union[str, os.PathLike]
 DROPPED = ("loss_calculator.*",)
+KIND = "gslrm"
 
 
 def read_gslrm_state(path: PathLike) -> dict:
@@ -101,7 +110,8 @@ def load_gslrm(source: Union[PathLike, Mapping[str, np.ndarray]],
                cfg: Optional[GSLRMConfig] = None, **config_overrides) -> GSLRM:
   """A GS-LRM checkpoint (path or state dict) -> a GSLRM with its weights.
 
-  With no `cfg`, sizes are read from the weights (`infer_config`)."""
+  With no `cfg`, sizes are read from the weights (`infer_config`), `config_overrides`
+  replacing execution fields (attention_chunk, dtype)."""
   name = str(source) if not isinstance(source, Mapping) else "GS-LRM state dict"
   state = read_gslrm_state(source) if not isinstance(source, Mapping) else dict(source)
   if cfg is None:
@@ -110,3 +120,41 @@ def load_gslrm(source: Union[PathLike, Mapping[str, np.ndarray]],
   model = nnx.eval_shape(lambda: GSLRM(cfg, nnx.Rngs(0)))
   assign_state(model, gslrm_arrays(state, model, source=name))
   return model
+
+
+# ----------------------------------------------------------------------------
+# Command line: convert once, save a kaojax model directory.
+
+
+def convert(src: PathLike, out: PathLike, heads: Optional[int] = None, head_dim: int = 64,
+            overwrite: bool = False) -> GSLRM:
+  """Checkpoint file `src` -> model directory `out`; returns the model."""
+  overrides = {} if heads is None else {"heads": heads}
+  model = load_gslrm(read_gslrm_state(src), head_dim=head_dim, **overrides)
+  loading.save_network(out, model, overwrite=overwrite)
+  return model
+
+
+def main(argv=None):
+  import argparse
+  parser = argparse.ArgumentParser(
+      prog="python -m kaojax.convert.gslrm",
+      description="Convert a FaceLift GS-LRM PyTorch checkpoint into a kaojax model "
+                  "directory (load it with kaojax.convert.gslrm.load_gslrm).")
+  parser.add_argument("--in", dest="src", required=True,
+                      help="torch.save checkpoint ({'model': state_dict, ...}), bare state "
+                           "dict or .safetensors")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--head-dim", type=int, default=64,
+                      help="attention head width (not stored in the weights; FaceLift: 64)")
+  parser.add_argument("--heads", type=int, default=None,
+                      help="attention heads (default: width / head dim)")
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  model = convert(args.src, args.out, args.heads, args.head_dim, args.overwrite)
+  print(f"saved GS-LRM ({param_count(model):,} parameters, {model.cfg.layers} layers of width "
+        f"{model.cfg.dim}) to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -151,15 +151,20 @@ def _attention(m: StateMapping, key: str, dest: tuple):
   _linear(m, key + ".out_proj", dest + ("out",), bias=False)
 
 
+BACKBONE = ("backbone",)   # where both models hold their OpenLRMBackbone
+
+
 def map_openlrm_backbone(m: StateMapping, cfg):
-  """Encoder, camera embedder, transformer and upsampler (shared by both models)."""
-  map_dinov2_original(m, ENCODER, ("encoder",), cfg.encoder.grid, cfg.encoder.depth,
+  """Encoder, camera embedder, transformer and upsampler (the OpenLRMBackbone both
+  models hold)."""
+  b = BACKBONE
+  map_dinov2_original(m, ENCODER, b + ("encoder",), cfg.encoder.grid, cfg.encoder.depth,
                       cfg.encoder.num_registers)
-  _linear(m, "camera_embedder.mlp.0", ("camera_embedder", "fc1"))
-  _linear(m, "camera_embedder.mlp.2", ("camera_embedder", "fc2"))
-  m.put(("transformer", "pos_embed"), m.take("pos_embed"), "pos_embed")
+  _linear(m, "camera_embedder.mlp.0", b + ("camera_embedder", "fc1"))
+  _linear(m, "camera_embedder.mlp.2", b + ("camera_embedder", "fc2"))
+  m.put(b + ("transformer", "pos_embed"), m.take("pos_embed"), "pos_embed")
   for i in range(cfg.layers):
-    k, d = f"transformer.layers.{i}.", ("transformer", "layers", str(i))
+    k, d = f"transformer.layers.{i}.", b + ("transformer", "layers", str(i))
     for n in ("norm1", "norm2", "norm3"):
       _norm(m, k + n + ".norm", d + (n, "norm"))
       _linear(m, k + n + ".mlp.1", d + (n, "modulation"))
@@ -167,11 +172,11 @@ def map_openlrm_backbone(m: StateMapping, cfg):
     _attention(m, k + "self_attn", d + ("self_attn",))
     _linear(m, k + "mlp.0", d + ("fc1",))
     _linear(m, k + "mlp.3", d + ("fc2",))
-  _norm(m, "transformer.norm", ("transformer", "norm"))
+  _norm(m, "transformer.norm", b + ("transformer", "norm"))
   w = m.take("upsampler.weight")   # [D, C, 2, 2] -> [D, 2, 2, C]
-  m.put(("upsampler", "kernel"), None if w is None else np.transpose(w, (0, 2, 3, 1)),
+  m.put(b + ("upsampler", "kernel"), None if w is None else np.transpose(w, (0, 2, 3, 1)),
         "upsampler.weight")
-  m.put(("upsampler", "bias"), m.take("upsampler.bias"), "upsampler.bias")
+  m.put(b + ("upsampler", "bias"), m.take("upsampler.bias"), "upsampler.bias")
 
 
 def map_point_decoder(m: StateMapping, key: str, dest: tuple, count: int = 4):
@@ -209,15 +214,6 @@ def openlrm_from_state(state: Mapping[str, np.ndarray], config: Optional[Mapping
   model = nnx.eval_shape(lambda: OpenLRM(cfg, nnx.Rngs(0)))
   load_openlrm_state(model, state, source)
   return model
-
-
-def load_openlrm(path: Union[str, os.PathLike], image_size: Optional[int] = None, **overrides):
-  """An `OpenLRM` from a checkpoint file or a folder with model.safetensors /
-  pytorch_model.bin and (optionally) config.json."""
-  path = pathlib.Path(path)
-  folder = path if path.is_dir() else path.parent
-  return openlrm_from_state(read_state_dict(path), read_json(folder / "config.json"),
-                            image_size, str(path), **overrides)
 
 
 # ----------------------------------------------------------------------------
@@ -285,24 +281,13 @@ def kaolrm_from_state(state: Mapping[str, np.ndarray], image_size: int = 224, fl
   checkpoint's `flame_model.*` buffers unless `flame` is given; `config`: an
   optional OpenLRM-style config.json dict (head counts)."""
   from kaojax.flame import load_flame_from_kaolrm_state
-  from kaojax.models.kaolrm import FlameBuffer, KaoLRM
+  from kaojax.models.kaolrm import KaoLRM
   cfg = kaolrm_config_from_state(state, image_size, config=config, **overrides)
   if flame is None:
     flame = load_flame_from_kaolrm_state(state, cfg.n_shape, cfg.n_expr, masks=masks)
-  model = nnx.eval_shape(lambda: KaoLRM(cfg, flame, nnx.Rngs(0)))
-  model.flame = FlameBuffer(flame)
+  model = KaoLRM.abstract(cfg, flame)
   load_kaolrm_state(model, state, source)
   return model
-
-
-def load_kaolrm(path: Union[str, os.PathLike], image_size: int = 224, flame=None, masks=None,
-                **overrides):
-  """A `KaoLRM` from a released checkpoint (file or folder; a config.json next to it
-  is read for head counts)."""
-  path = pathlib.Path(path)
-  folder = path if path.is_dir() else path.parent
-  return kaolrm_from_state(read_state_dict(path), image_size, flame, masks, str(path),
-                           read_json(folder / "config.json"), **overrides)
 
 
 def kaolrm_init_config(state: Mapping[str, np.ndarray], config: Optional[Mapping] = None,
@@ -328,16 +313,14 @@ def kaolrm_from_openlrm(state: Mapping[str, np.ndarray], cfg, flame,
   """KaoLRM's starting point: the backbone from an OpenLRM state dict (its
   `synthesizer.*` unused), FLAME and Gaussian decoders freshly initialised
   (PyTorch default init; zero biases in the Gaussian decoder)."""
-  from kaojax.models.kaolrm import FlameBuffer, KaoLRM
+  from kaojax.models.kaolrm import KaoLRM
   # Built abstractly: the backbone is never randomly initialised, only the decoders.
-  model = nnx.eval_shape(lambda: KaoLRM(cfg, flame, nnx.Rngs(0)))
-  model.flame = FlameBuffer(flame)
+  model = KaoLRM.abstract(cfg, flame)
   model.init_decoders(rngs or nnx.Rngs(0))
   m = StateMapping(state, source, allow=COMMON_ALLOW + ("synthesizer.*",))
   map_openlrm_backbone(m, cfg.lrm)
-  backbone = ("encoder", "camera_embedder", "transformer", "upsampler")
-  shapes = {p: s for p, s in param_shapes(model).items() if p[0] in backbone}
-  assign_state(model, m.finish(shapes), scope=backbone)
+  shapes = {p: s for p, s in param_shapes(model).items() if p[:len(BACKBONE)] == BACKBONE}
+  assign_state(model, m.finish(shapes), scope=BACKBONE)
   return model
 
 
@@ -355,7 +338,7 @@ def load_kaolrm_init(path: Union[str, os.PathLike], flame, image_size: int = 224
 
 
 # ----------------------------------------------------------------------------
-# Command line: convert once, save an Orbax checkpoint (kaojax.convert.checkpoint).
+# Command line: convert once, save a model directory (kaojax.models.loading).
 
 KINDS = ("auto", "openlrm", "kaolrm", "kaolrm-init")
 
@@ -363,7 +346,7 @@ KINDS = ("auto", "openlrm", "kaolrm", "kaolrm-init")
 def convert(src, out, kind: str = "auto", image_size: Optional[int] = None, flame=None,
             masks=None, seed: int = 0, overwrite: bool = False,
             encoder_heads: Optional[int] = None, heads: Optional[int] = None):
-  """Convert checkpoint `src` and save it with `kaojax.convert.checkpoint.save_model`.
+  """Convert checkpoint `src` and save it with `kaojax.models.loading.save_model`.
 
   kind: 'openlrm' (OpenLRM with its NeRF decoder), 'kaolrm' (a released KaoLRM
   checkpoint; the FLAME model from its `flame_model.*` buffers unless `flame` is a
@@ -371,7 +354,7 @@ def convert(src, out, kind: str = "auto", image_size: Optional[int] = None, flam
   needs `flame`), or 'auto' (kaolrm when `flame_decoder.*` keys are present, else
   openlrm). encoder_heads / heads: attention head counts when neither config.json
   nor width / 64 gives them. Returns the saved model."""
-  from kaojax.convert.checkpoint import save_model
+  from kaojax.models.loading import save_model
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   src = pathlib.Path(src)
@@ -404,7 +387,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m kaojax.convert.openlrm",
       description="Convert an OpenLRM / KaoLRM PyTorch checkpoint into a kaojax Orbax "
-                  "checkpoint (load it with kaojax.convert.checkpoint.load_model).")
+                  "checkpoint (load it with kaojax.models.loading.load_model).")
   parser.add_argument("--in", dest="src", required=True,
                       help="model.safetensors, pytorch_model.bin or a folder holding one "
                            "(and config.json)")

@@ -26,7 +26,8 @@ PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(ValueError):
-  """A checkpoint does not match the model: lists every offending key."""
+  """A checkpoint file is unreadable (the message names the file), or does not match
+  the model (the message lists every offending key)."""
 
 
 # ----------------------------------------------------------------------------
@@ -46,22 +47,33 @@ def read_state_dict(path: PathLike) -> dict:
       raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
   if not path.is_file():
     raise FileNotFoundError(f"checkpoint not found: {path}")
-  if path.suffix == ".safetensors":
-    from safetensors.torch import load_file
-    tensors = load_file(str(path), device="cpu")
-  else:
-    import torch
-    tensors = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(tensors, dict) and "state_dict" in tensors and len(tensors) <= 3:
-      tensors = tensors["state_dict"]
-  return {k: _to_numpy(v) for k, v in tensors.items()}
-
-
-def _to_numpy(tensor) -> np.ndarray:
   import torch
+  try:
+    if path.suffix == ".safetensors":
+      from safetensors.torch import load_file
+      tensors = load_file(str(path), device="cpu")
+    else:
+      tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+  except Exception as e:  # safetensors / torch / zipfile / pickle errors: a bad file
+    raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+  if isinstance(tensors, dict) and "state_dict" in tensors and len(tensors) <= 3:
+    tensors = tensors["state_dict"]
+  if not isinstance(tensors, dict):
+    raise CheckpointError(f"{path}: expected a dictionary of tensors, got "
+                          f"{type(tensors).__name__}")
+  return {k: _to_numpy(v, path, k) for k, v in tensors.items()}
+
+
+def _to_numpy(tensor, path, key) -> np.ndarray:
+  import torch
+  if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+    raise CheckpointError(f"{path}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
   if tensor.dtype in (torch.bfloat16, torch.float16):
     tensor = tensor.float()
-  return tensor.detach().cpu().numpy()
+  try:
+    return tensor.detach().cpu().numpy()
+  except (TypeError, RuntimeError) as e:  # dtypes numpy lacks, e.g. float8
+    raise CheckpointError(f"{path}: tensor {key!r} cannot be read as numpy ({e})") from e
 
 
 def read_json(path: PathLike) -> Optional[dict]:
@@ -160,6 +172,11 @@ def param_shapes(module: nnx.Module, variable_type=nnx.Param) -> dict:
   """{nnx path (tuple of str): shape} of the module's variables of one type."""
   flat = nnx.to_flat_state(nnx.state(module, variable_type))
   return {tuple(str(p) for p in path): tuple(v.get_value().shape) for path, v in flat}
+
+
+def param_count(module: nnx.Module) -> int:
+  """Number of parameter values of a module (what a converter's command line reports)."""
+  return sum(int(np.prod(shape)) for shape in param_shapes(module).values())
 
 
 def assign_state(module: nnx.Module, arrays: Mapping[tuple, np.ndarray],

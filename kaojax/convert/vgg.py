@@ -13,11 +13,10 @@ Inputs (the user supplies both; nothing is downloaded):
 
 The output directory holds `kaojax_model.json` ({"format": 1, "kind": "lpips-vgg",
 "config": {"widths": ...}}) and `params/` (an Orbax tree of the LPIPS parameters);
-`load_lpips(DIR)` reads it back. The network's block widths are read from the
+`kaojax.models.loading.load_lpips(DIR)` reads it back. The network's block widths are read from the
 weights, so reduced test networks convert the same way.
 """
 
-import json
 import os
 import pathlib
 import re
@@ -26,15 +25,13 @@ from typing import Mapping, Optional, Union
 import numpy as np
 from flax import nnx
 
-from kaojax.convert.checkpoint import META_FILE, PARAMS_DIR, restore_params
+from kaojax.models.loading import save_lpips
 from kaojax.convert.torch_state import (CheckpointError, StateMapping, assign_state,
                                         conv_kernel_hwio, param_shapes, read_state_dict)
 from kaojax.losses.perceptual import LPIPS
 from kaojax.models.vgg import torch_feature_indices
 
 PathLike = Union[str, os.PathLike]
-KIND = "lpips-vgg"
-FORMAT = 1
 # Present in the accepted files, deliberately unused: VGG's classifier head and
 # lpips' constant ScalingLayer buffers (kaojax has them as constants).
 ALLOWED = ("classifier.*", "scaling_layer.*")
@@ -108,38 +105,6 @@ def lpips_from_state(vgg_state: Mapping[str, np.ndarray],
         weight.shape[0], -1).T.copy(), f"lin{i}.model.1.weight")
   assign_state(model, mapping.finish(param_shapes(model)))
   return model
-
-
-def save_lpips(directory: PathLike, model: LPIPS, overwrite: bool = False) -> pathlib.Path:
-  import orbax.checkpoint as ocp
-  directory = pathlib.Path(directory).absolute()
-  if directory.exists() and any(directory.iterdir()) and not overwrite:
-    raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True)")
-  directory.mkdir(parents=True, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                    force=overwrite)
-  checkpointer.wait_until_finished()
-  meta = {"format": FORMAT, "kind": KIND,
-          "config": {"widths": [list(b) for b in model.vgg.widths]}}
-  (directory / META_FILE).write_text(json.dumps(meta, indent=1))
-  return directory
-
-
-def load_lpips(directory: PathLike) -> LPIPS:
-  """The LPIPS network of a directory written by `save_lpips` / this module's CLI."""
-  directory = pathlib.Path(directory).absolute()
-  path = directory / META_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"{directory}: not a converted LPIPS directory (no {META_FILE}; "
-                            "write one with python -m kaojax.convert.vgg)")
-  meta = json.loads(path.read_text())
-  if meta.get("format") != FORMAT or meta.get("kind") != KIND:
-    raise ValueError(f"{path}: kind {meta.get('kind')!r} format {meta.get('format')}, "
-                     f"expected {KIND!r} format {FORMAT}")
-  widths = tuple(tuple(b) for b in meta["config"]["widths"])
-  model = nnx.eval_shape(lambda: LPIPS(nnx.Rngs(0), widths))
-  return restore_params(model, directory / PARAMS_DIR)
 
 
 def convert(vgg: PathLike, out: PathLike, lin: Optional[PathLike] = None,

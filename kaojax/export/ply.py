@@ -1,4 +1,5 @@
-"""3D Gaussian Splatting `.ply` files (the graphdeco/INRIA layout read by 3DGS viewers).
+"""3D Gaussian Splatting `.ply` files (the graphdeco/INRIA layout read by 3DGS viewers),
+written and read through `plyfile`.
 
 One `vertex` element, all properties float32, binary little-endian, in this order:
   x y z                      position
@@ -16,6 +17,7 @@ import pathlib
 from typing import Optional
 
 import numpy as np
+import plyfile
 
 SH_C0 = 0.28209479177387814
 
@@ -82,13 +84,10 @@ def write_gaussian_ply(path, means, scales, quats, opacities, colors=None, f_dc=
              rest.transpose(0, 2, 1).reshape(n, 3 * num_rest),   # channel-major
              _logit(opacities)[:, None], np.log(scales), quats]
   data = np.concatenate(columns, axis=1).astype("<f4")
-  names = property_names(num_rest)
-  header = ["ply", "format binary_little_endian 1.0", f"element vertex {n}"]
-  header += [f"property float {name}" for name in names] + ["end_header"]
+  vertex = np.ascontiguousarray(data).view([(name, "<f4") for name in property_names(num_rest)])
   path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "wb") as f:
-    f.write(("\n".join(header) + "\n").encode("ascii"))
-    f.write(np.ascontiguousarray(data).tobytes())
+  plyfile.PlyData([plyfile.PlyElement.describe(vertex.reshape(n), "vertex")],
+                  byte_order="<").write(str(path))
   return path
 
 
@@ -100,51 +99,23 @@ def _rows(a, width, name, n=None):
   return a
 
 
-_TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
-          "uchar": "u1", "uint8": "u1", "char": "i1", "int8": "i1", "short": "i2",
-          "int16": "i2", "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4",
-          "uint": "u4", "uint32": "u4"}
-
-
 def read_gaussian_ply(path) -> GaussianPly:
   """Read a 3DGS .ply (binary little/big endian or ascii; vertex element with the
   standard property names, in any order, any number of f_rest_*)."""
   path = pathlib.Path(path)
-  raw = path.read_bytes()
-  end = raw.find(b"end_header")
-  if not raw.startswith(b"ply") or end < 0:
-    raise ValueError(f"{path}: not a PLY file")
-  body_start = raw.index(b"\n", end) + 1
-  lines = raw[:body_start].decode("ascii").splitlines()
-  fmt, elements = None, []
-  for line in lines[1:]:
-    parts = line.split()
-    if not parts or parts[0] in ("comment", "obj_info"):
-      continue
-    if parts[0] == "format":
-      fmt = parts[1]
-    elif parts[0] == "element":
-      elements.append((parts[1], int(parts[2]), []))
-    elif parts[0] == "property":
-      if parts[1] == "list":
-        raise ValueError(f"{path}: list property {parts[-1]!r} is not supported")
-      if parts[1] not in _TYPES:
-        raise ValueError(f"{path}: unknown property type {parts[1]!r}")
-      elements[-1][2].append((parts[2], _TYPES[parts[1]]))
-  if not elements or elements[0][0] != "vertex":
+  try:
+    ply = plyfile.PlyData.read(str(path))
+  except (plyfile.PlyParseError, ValueError, UnicodeDecodeError) as err:
+    raise ValueError(f"{path}: not a readable PLY file ({err})") from None
+  if not ply.elements or ply.elements[0].name != "vertex":
     raise ValueError(f"{path}: the first element must be 'vertex'")
-  _, n, props = elements[0]
-  if fmt == "ascii":
-    text = raw[body_start:].decode("ascii").split()
-    values = np.asarray(text[:n * len(props)], np.float64).reshape(n, len(props))
-    table = {name: values[:, i] for i, (name, _) in enumerate(props)}
-  elif fmt in ("binary_little_endian", "binary_big_endian"):
-    order = "<" if fmt == "binary_little_endian" else ">"
-    dtype = np.dtype([(name, order + t) for name, t in props])
-    rec = np.frombuffer(raw, dtype=dtype, count=n, offset=body_start)
-    table = {name: rec[name].astype(np.float64) for name, _ in props}
-  else:
-    raise ValueError(f"{path}: unknown PLY format {fmt!r}")
+  vertex = ply.elements[0]
+  for prop in vertex.properties:
+    if isinstance(prop, plyfile.PlyListProperty):
+      raise ValueError(f"{path}: list property {prop.name!r} is not supported")
+  n = vertex.count
+  table = {prop.name: np.asarray(vertex.data[prop.name], np.float64)
+           for prop in vertex.properties}
 
   def cols(*names):
     missing = [m for m in names if m not in table]

@@ -6,7 +6,8 @@ See `cameras.py` for the single statement of every camera/world convention.
 from kaojax.geometry.alignment import apply_similarity, umeyama
 from kaojax.geometry.cameras import (
     FACELIFT_AZIMUTHS, FACELIFT_FOV_DEG, FACELIFT_RADIUS, FACELIFT_VIEWS,
-    FLAME_TO_TRIPLANE, OPENCV_TO_OPENGL, default_openlrm_source_camera,
+    FLAME_TO_TRIPLANE, OPENCV_TO_OPENGL, SOURCE_FOCAL, camera_centers,
+    default_openlrm_source_camera,
     denormalize_intrinsics, facelift_cameras, flame_pose_to_triplane,
     flame_to_triplane, focal_to_fov, fov_to_focal, from_openlrm_camera,
     intrinsics, intrinsics_from_fov, invert_pose, look_at, normalize_intrinsics,

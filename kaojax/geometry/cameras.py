@@ -151,6 +151,12 @@ def project_points(points, viewmat, K):
 # OpenLRM 16-number camera vector.
 
 
+def camera_centers(viewmats):
+  """World-to-camera [..., 4, 4] -> camera centres in the world [..., 3] (-R^T t)."""
+  rotation, translation = viewmats[..., :3, :3], viewmats[..., :3, 3]
+  return -jnp.einsum("...ji,...j->...i", rotation, translation)
+
+
 def to_openlrm_camera(c2w, K, width, height):
   """OpenCV c2w [..., 4, 4] + pixel K [..., 3, 3] -> OpenLRM vector [..., 16]."""
   gl = c2w @ OPENCV_TO_OPENGL
@@ -168,7 +174,11 @@ def from_openlrm_camera(camera, width, height):
   return c2w, denormalize_intrinsics(camera[..., 12:], width, height)
 
 
-def default_openlrm_source_camera(distance: float = 2.0, focal: float = 0.75):
+# Normalised focal (f / image size) of OpenLRM's and KaoLRM's source camera, always.
+SOURCE_FOCAL = 0.75
+
+
+def default_openlrm_source_camera(distance: float = 2.0, focal: float = SOURCE_FOCAL):
   """OpenLRM's canonical source camera [16]: at (0, -distance, 0) in the Z-up
   triplane world looking at the origin, normalised focal `focal`, centre 0.5."""
   return jnp.array([1, 0, 0, 0, 0, 0, -1, -distance, 0, 1, 0, 0,

@@ -29,12 +29,13 @@ from flax import nnx
 
 from kaojax.geometry.cameras import (FACELIFT_FOV_DEG, FACELIFT_RADIUS, facelift_cameras,
                                      intrinsics_from_fov, orbit_cameras)
-from kaojax.models.gslrm import GSLRM, GSLRMConfig, PostFilter, post_filter_mask
-from kaojax.models.mvdiffusion.clip import CLIPVisionConfig, CLIPVisionEncoder, preprocess
+from kaojax.models import loading
+from kaojax.models.gslrm import GSLRM, PostFilter, gslrm_config, post_filter_mask, select
+from kaojax.models.mvdiffusion.clip import CLIPVisionEncoder, clip_vision_config, preprocess
 from kaojax.models.mvdiffusion.layers import timestep_embedding
 from kaojax.models.mvdiffusion.scheduler import DDIM, SchedulerConfig, add_noise, alphas_cumprod
-from kaojax.models.mvdiffusion.unet import UNet, UNetConfig
-from kaojax.models.mvdiffusion.vae import VAE, VAEConfig
+from kaojax.models.mvdiffusion.unet import UNet, unet_config
+from kaojax.models.mvdiffusion.vae import VAE, vae_config
 
 # SD2.1-unCLIP's image-noising scheduler (DDPM, cosine schedule).
 NOISING_SCHEDULER = SchedulerConfig(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
@@ -74,9 +75,11 @@ def load_models(mvdiffusion_folder, gslrm_checkpoint, text_embeddings,
 
   mvdiffusion_folder: a diffusers StableUnCLIP-style pipeline folder with unet/, vae/,
   image_encoder/ (transformers CLIPVisionModelWithProjection), image_normalizer/ (mean,
-  std), scheduler/ and image_noising_scheduler/ (scheduler_config.json). The layout of
+  std), scheduler/ and image_noising_scheduler/ (scheduler_config.json); unet/ and vae/
+  may also be directories written by `python -m kaojax.convert.diffusers`. The layout of
   the OpenFaceLift release is inferred from the reference code, not verified.
-  gslrm_checkpoint: torch.save file with a `model` dict (or .safetensors).
+  gslrm_checkpoint: torch.save file with a `model` dict (or .safetensors), or a
+  directory written by `python -m kaojax.convert.gslrm`.
   text_embeddings: file with the [6, 77, 1024] prompt embeddings.
   dtype: compute dtype of the UNet, VAE and CLIP ("bfloat16" / "float16" on
   accelerators; parameters stay float32); GS-LRM and rendering stay float32.
@@ -96,12 +99,19 @@ def load_models(mvdiffusion_folder, gslrm_checkpoint, text_embeddings,
                      f"got {sorted(norm)}")
   sched = read_json(root / "scheduler" / "scheduler_config.json")
   noising = read_json(root / "image_noising_scheduler" / "scheduler_config.json")
+
+  def network(path, kind, convert_now, **options):
+    """A kaojax model directory, or the released weights converted on the way in."""
+    if loading.is_model_directory(path):
+      return loading.load_network(path, kind, **options)
+    return convert_now(path, **options)
+
   models = FaceLiftModels(
-      unet=load_unet(root / "unet", num_views=num_views, dtype=dtype,
-                     attention_chunk=attention_chunk),
-      vae=load_vae(root / "vae", dtype=dtype),
+      unet=network(root / "unet", "unet", load_unet, num_views=num_views, dtype=dtype,
+                   attention_chunk=attention_chunk),
+      vae=network(root / "vae", "vae", load_vae, dtype=dtype),
       clip=load_clip_vision(root / "image_encoder", dtype=dtype),
-      gslrm=load_gslrm(gslrm_checkpoint, attention_chunk=attention_chunk),
+      gslrm=network(gslrm_checkpoint, "gslrm", load_gslrm, attention_chunk=attention_chunk),
       text_embeddings=jnp.asarray(load_text_embeddings(text_embeddings)),
       normalizer_mean=jnp.asarray(norm["mean"]).reshape(-1),
       normalizer_std=jnp.asarray(norm["std"]).reshape(-1),
@@ -158,27 +168,22 @@ def random_init(build, seed: int = 0):
 
 
 def tiny_models(num_views: int = 6, seed: int = 0) -> FaceLiftModels:
-  """Random-weight presets with FaceLift's structure at toy sizes (for CPU tests):
-  8-channel UNet with projection class embedding, 2-level VAE (f = 2), 1-layer CLIP,
-  1-layer GS-LRM with patch 8."""
-  clip_cfg = CLIPVisionConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64,
-                              patch_size=8, image_size=32, projection_dim=16)
-  unet_cfg = UNetConfig(in_channels=8, out_channels=4, block_out_channels=(32, 64),
-                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                        heads=(2, 4), transformer_layers=(1, 1), cross_attention_dim=24,
-                        norm_num_groups=8, projection_class_embeddings_input_dim=32,
-                        num_views=num_views)
-  vae_cfg = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
-  gslrm_cfg = GSLRMConfig(dim=64, heads=2, head_dim=32, layers=1, patch=8)
+  """Random weights at the 'tiny' presets (FaceLift's structure at toy sizes, for CPU
+  tests): 8-channel UNet with projection class embedding, 2-level VAE (f = 2), 1-layer
+  CLIP, 1-layer GS-LRM with patch 8."""
+  clip_cfg = clip_vision_config("tiny")
+  unet_cfg = unet_config("tiny", num_views=num_views)
+  vae_cfg = vae_config("tiny")
+  gslrm_cfg = gslrm_config("tiny")
   key = jax.random.key(seed + 1)
   return FaceLiftModels(
       unet=random_init(lambda: UNet(unet_cfg, nnx.Rngs(0)), seed),
       vae=random_init(lambda: VAE(vae_cfg, nnx.Rngs(0)), seed + 1),
       clip=random_init(lambda: CLIPVisionEncoder(clip_cfg, nnx.Rngs(0)), seed + 2),
       gslrm=random_init(lambda: GSLRM(gslrm_cfg, nnx.Rngs(0)), seed + 3),
-      text_embeddings=jax.random.normal(key, (num_views, 5, 24)),
-      normalizer_mean=jnp.zeros(16), normalizer_std=jnp.ones(16))
+      text_embeddings=jax.random.normal(key, (num_views, 5, unet_cfg.cross_attention_dim)),
+      normalizer_mean=jnp.zeros(clip_cfg.projection_dim),
+      normalizer_std=jnp.ones(clip_cfg.projection_dim))
 
 
 # ----------------------------------------------------------------------------
@@ -373,8 +378,8 @@ def run(models: FaceLiftModels, image, out_dir, cfg: FaceLiftConfig = FaceLiftCo
   result["ply"] = write_gslrm_ply(out_dir / "gaussians.ply", recon, mask=keep)
   result.update(input=out_dir / "input.png", multiview=out_dir / "multiview.png")
   if render_outputs:
-    g = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)[0][keep]),
-                               recon.gaussians())
+    g = jax.tree_util.tree_map(jnp.asarray, select(
+        jax.tree_util.tree_map(lambda a: a[0], recon.gaussians()), keep))
     c2w, K = facelift_cameras(size=cfg.image_size)
     tc2w, tK = turntable_cameras(cfg.turntable_frames, cfg.image_size)
     v = cfg.num_views                      # one renderer call (one compile) for all cameras

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kaojax.models.attention import dot_product_attention
-from kaojax.models.remat import remat_call
-from kaojax.sharding import EMBED, HEADS, MLP, param_init
+from kaojax.nn.attention import dot_product_attention
+from kaojax.nn.remat import remat_call
+from kaojax.nn.layers import layer_norm, linear
+from kaojax.sharding import EMBED, HEADS, MLP_HIDDEN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,19 +44,6 @@ class Dinov2Config:
     if self.image_size % self.patch:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
     return self.image_size // self.patch
-
-
-def linear(d_in, d_out, axes, rngs, use_bias=True, dtype=None):
-  """nnx.Linear with logical axis names on the kernel (and bias)."""
-  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, rngs=rngs,
-                    kernel_init=param_init(nnx.initializers.lecun_normal(), *axes),
-                    bias_init=param_init(nnx.initializers.zeros_init(), axes[1]))
-
-
-def layer_norm(dim, eps, rngs, dtype=None):
-  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs,
-                       scale_init=param_init(nnx.initializers.ones_init(), EMBED),
-                       bias_init=param_init(nnx.initializers.zeros_init(), EMBED))
 
 
 class LayerScale(nnx.Module):
@@ -85,8 +73,8 @@ class ViTAttention(nnx.Module):
 
 class ViTMlp(nnx.Module):
   def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype=None):
-    self.fc1 = linear(dim, hidden, (EMBED, MLP), rngs, dtype=dtype)
-    self.fc2 = linear(hidden, dim, (MLP, EMBED), rngs, dtype=dtype)
+    self.fc1 = linear(dim, hidden, (EMBED, MLP_HIDDEN), rngs, dtype=dtype)
+    self.fc2 = linear(hidden, dim, (MLP_HIDDEN, EMBED), rngs, dtype=dtype)
 
   def __call__(self, x):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
@@ -125,6 +113,9 @@ def sincos_positions(grid: int, dim: int):
 class Dinov2(nnx.Module):
   """images [B, H, W, 3] in [0, 1] -> tokens [B, 1 + (H/14)*(W/14), D] (CLS first,
   registers dropped)."""
+
+  # The patch embedding's bias (a Conv2d bias in the torch model): never weight-decayed.
+  BIASES = ("patch_bias",)
 
   def __init__(self, cfg: Dinov2Config, rngs: nnx.Rngs):
     self.cfg = cfg

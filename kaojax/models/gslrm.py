@@ -26,8 +26,11 @@ import numpy as np
 from flax import nnx
 
 from kaojax.geometry.rays import facelift_ray_encoding, pixel_rays
-from kaojax.models.attention import dot_product_attention
+from kaojax.models.presets import preset
+from kaojax.nn.attention import dot_product_attention
+from kaojax.nn.layers import layer_norm, linear
 from kaojax.render.gaussians import Gaussians
+from kaojax.sharding import EMBED, HEADS, MLP_HIDDEN
 
 SH_C0 = 0.28209479177387814     # degree-0 real spherical harmonic
 RAW_CHANNELS = 14               # xyz 3 + f_dc 3 + scale 3 + rotation 4 + opacity 1
@@ -49,10 +52,19 @@ class GSLRMConfig:
   attention_chunk: Optional[int] = 1024   # query block size (memory), None: one block
   dtype: str = "float32"
 
-  @classmethod
-  def tiny(cls) -> "GSLRMConfig":
-    """A random-weight preset small enough for CPU tests."""
-    return cls(dim=64, heads=2, head_dim=32, layers=2, patch=8)
+
+PRESETS = {
+    "tiny": GSLRMConfig(dim=64, heads=2, head_dim=32, layers=1, patch=8),   # CPU tests
+    "small": GSLRMConfig(dim=512, heads=8, head_dim=64, layers=6, patch=8),
+    "facelift": GSLRMConfig(),                                               # released
+}
+
+
+def gslrm_config(name: str = "facelift", **overrides) -> GSLRMConfig:
+  """GS-LRM presets: 'tiny' (random-weight CPU tests), 'small' (6 layers of width
+  512, benchmarks) or 'facelift' (the released model: width 1024, 24 layers, 16
+  heads, patch 8). `overrides` replace GSLRMConfig fields."""
+  return preset("GS-LRM", PRESETS, name, overrides)
 
 
 @flax.struct.dataclass
@@ -85,13 +97,14 @@ class GSLRMOutput:
                      opacities=self.opacities, colors=self.colors)
 
 
-def _linear(d_in, d_out, rngs, dtype):
-  return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, rngs=rngs,
-                    kernel_init=nnx.initializers.normal(0.02))
+def _linear(d_in, d_out, axes, rngs, dtype):
+  """GS-LRM's Linear: no bias, N(0, 0.02) kernel."""
+  return linear(d_in, d_out, axes, rngs, use_bias=False, dtype=dtype, init=0.02)
 
 
 def _norm(dim, eps, rngs, dtype):
-  return nnx.LayerNorm(dim, epsilon=eps, use_bias=False, dtype=dtype, rngs=rngs)
+  """GS-LRM's LayerNorm: no bias."""
+  return layer_norm(dim, eps, rngs, dtype, use_bias=False)
 
 
 class SelfAttention(nnx.Module):
@@ -101,8 +114,8 @@ class SelfAttention(nnx.Module):
     self.heads, self.head_dim = cfg.heads, cfg.head_dim
     self.query_chunk = cfg.attention_chunk
     inner = cfg.heads * cfg.head_dim
-    self.to_qkv = _linear(cfg.dim, 3 * inner, rngs, dtype)
-    self.fc = _linear(inner, cfg.dim, rngs, dtype)
+    self.to_qkv = _linear(cfg.dim, 3 * inner, (EMBED, HEADS), rngs, dtype)
+    self.fc = _linear(inner, cfg.dim, (HEADS, EMBED), rngs, dtype)
 
   def __call__(self, x):
     """x [B, L, D] -> [B, L, D]."""
@@ -114,23 +127,26 @@ class SelfAttention(nnx.Module):
     return self.fc(out.reshape(b, n, self.heads * self.head_dim))
 
 
-class MLP(nnx.Module):
+class FeedForward(nnx.Module):
+  """fc2(GELU(fc1(x))), hidden width mlp_ratio * dim (the reference's `mlp.mlp.0/2`)."""
+
   def __init__(self, cfg: GSLRMConfig, rngs: nnx.Rngs, dtype=None):
-    self.fc1 = _linear(cfg.dim, cfg.mlp_ratio * cfg.dim, rngs, dtype)
-    self.fc2 = _linear(cfg.mlp_ratio * cfg.dim, cfg.dim, rngs, dtype)
+    hidden = cfg.mlp_ratio * cfg.dim
+    self.fc1 = _linear(cfg.dim, hidden, (EMBED, MLP_HIDDEN), rngs, dtype)
+    self.fc2 = _linear(hidden, cfg.dim, (MLP_HIDDEN, EMBED), rngs, dtype)
 
   def __call__(self, x):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class Block(nnx.Module):
-  """x += Attn(LN1(x)); x += MLP(LN2(x))."""
+  """x += Attn(LN1(x)); x += FeedForward(LN2(x))."""
 
   def __init__(self, cfg: GSLRMConfig, rngs: nnx.Rngs, dtype=None):
     self.norm1 = _norm(cfg.dim, cfg.ln_eps, rngs, dtype)
     self.attn = SelfAttention(cfg, rngs, dtype)
     self.norm2 = _norm(cfg.dim, cfg.ln_eps, rngs, dtype)
-    self.mlp = MLP(cfg, rngs, dtype)
+    self.mlp = FeedForward(cfg, rngs, dtype)
 
   def __call__(self, x):
     x = x + self.attn(self.norm1(x))
@@ -161,15 +177,17 @@ class GSLRM(nnx.Module):
     self.cfg = cfg
     dtype = jnp.dtype(cfg.dtype)
     patch_dim = cfg.in_channels * cfg.patch * cfg.patch
-    self.patch_embedder = _linear(patch_dim, cfg.dim, rngs, dtype)
+    self.patch_embedder = _linear(patch_dim, cfg.dim, (None, EMBED), rngs, dtype)
     self.global_tokens = nnx.Param(
-        0.02 * jax.random.normal(rngs.params(), (cfg.num_global, cfg.dim), jnp.float32))
+        0.02 * jax.random.normal(rngs.params(), (cfg.num_global, cfg.dim), jnp.float32),
+        out_sharding=(None, EMBED), eager_sharding=False)
     self.input_norm = _norm(cfg.dim, cfg.ln_eps, rngs, dtype)
     self.blocks = nnx.List([Block(cfg, rngs, dtype) for _ in range(cfg.layers)])
     self.global_norm = _norm(cfg.dim, cfg.ln_eps, rngs, dtype)
-    self.global_head = _linear(cfg.dim, RAW_CHANNELS, rngs, dtype)
+    self.global_head = _linear(cfg.dim, RAW_CHANNELS, (EMBED, None), rngs, dtype)
     self.pixel_norm = _norm(cfg.dim, cfg.ln_eps, rngs, dtype)
-    self.pixel_head = _linear(cfg.dim, cfg.patch * cfg.patch * RAW_CHANNELS, rngs, dtype)
+    self.pixel_head = _linear(cfg.dim, cfg.patch * cfg.patch * RAW_CHANNELS, (EMBED, None),
+                              rngs, dtype)
 
   def __call__(self, images, c2w, K) -> GSLRMOutput:
     """images [B, V, H, W, 3] in [0, 1]; c2w [B, V, 4, 4] OpenCV camera-to-world;

@@ -6,9 +6,13 @@ surface samples (redrawn every call from an explicit key) -> one 2D Gaussian sur
 per sample, its attributes decoded from the triplane at s * (x, -z, y),
 s = synth_focal / 0.75 -> renders at any cameras through `kaojax.render`.
 
-Frozen (KaoLRM training): the encoder and the upsampler (their gradients are
-stopped inside the forward pass). Trainable: camera_embedder, transformer (with its
-pos_embed), flame_decoder, gaussian_decoder; `TRAINABLE` selects them for optimisers.
+`forward_and_render` is the one path from images to renders that training,
+evaluation and inference share (the monocular model's Gaussian selection included).
+
+Frozen (KaoLRM training): the backbone's encoder and upsampler (`LRMConfig.frozen_parts`,
+tagged on the parameters by `kaojax.nn.params.mark_parameters`; the optimiser updates
+only `kaojax.nn.params.TRAINABLE`). Trainable: the camera embedder, the transformer
+(with its pos_embed), the FLAME and Gaussian decoders.
 """
 
 import dataclasses
@@ -19,20 +23,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kaojax import geometry
 from kaojax.flame import FlameModel
-from kaojax.geometry.cameras import flame_to_triplane
+from kaojax.geometry.cameras import SOURCE_FOCAL, flame_to_triplane
 from kaojax.geometry.mesh import sample_surface
-from kaojax.models.dinov2 import Dinov2
-from kaojax.models.lrm import (CameraEmbedder, backbone_planes, LRMConfig, PointDecoder, TriplaneTransformer,
-                               Upsampler, concat_plane_features, openlrm_config,
-                               sample_triplane, torch_linear_init)
+from kaojax.models.lrm import (LRMConfig, OpenLRMBackbone, PointDecoder, concat_plane_features,
+                               openlrm_config, rgb_activation, sample_triplane)
+from kaojax.models.presets import preset
+from kaojax.nn.layers import linear
+from kaojax.nn.params import mark_parameters
+from kaojax.render import rasterize_mesh, rasterize_surfels
 from kaojax.render.gaussians import Gaussians
-from kaojax.sharding import MLP, param_init
+from kaojax.sharding import MLP_HIDDEN
 
-TRAINABLE_MODULES = ("camera_embedder", "transformer", "flame_decoder", "gaussian_decoder")
-FROZEN_MODULES = ("encoder", "upsampler")
-TRAINABLE = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(n) for n in TRAINABLE_MODULES)))
-FROZEN = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(n) for n in FROZEN_MODULES)))
+# KaoLRM's monocular mode renders the int(N / MONOCULAR_KEEP_DIVISOR) Gaussians
+# nearest the camera (those on the far side of the head are dropped).
+MONOCULAR_KEEP_DIVISOR = 1.8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,30 +54,35 @@ class KaoLRMConfig:
 
   @property
   def flame_out(self) -> int:
-    return self.n_shape + self.n_expr + 6 + 1 + 3
+    """Width of the FLAME decoder's output (see `FlameParams.from_raw`)."""
+    return self.n_shape + self.n_expr + POSE_DIM + 1 + 3
+
+
+POSE_DIM = 6  # global rotation (3) + jaw (3), axis-angle
+MIN_SCALE = 0.1
+
+
+# KaoLRM feeds 224-px source images to every backbone size (the position table is
+# resized to 16x16 patches); encoder and upsampler are frozen.
+_FROZEN = dict(freeze_encoder=True, freeze_upsampler=True)
+PRESETS = {
+    "tiny": KaoLRMConfig(lrm=openlrm_config("tiny", **_FROZEN), flame_hidden=(64, 32, 16),
+                         gating_hidden=8, gaussian_hidden=16, num_samples=256),
+    **{name: KaoLRMConfig(lrm=openlrm_config(name, image_size=224, **_FROZEN))
+       for name in ("small", "base", "large")},
+}
 
 
 def kaolrm_config(name: str = "base", **overrides) -> KaoLRMConfig:
   """Presets: 'tiny' (tests), 'small' / 'base' / 'large' (the OpenLRM backbone of
-  that size; 'base' is KaoLRM as released). KaoLRM feeds 224 px source images to
-  every size (the position table is resized to 16x16 patches); encoder and
-  upsampler are frozen. `overrides` replace KaoLRMConfig fields."""
-  if name == "tiny":
-    lrm = openlrm_config("tiny", freeze_encoder=True, freeze_upsampler=True)
-    cfg = KaoLRMConfig(lrm=lrm, flame_hidden=(64, 32, 16), gating_hidden=8,
-                       gaussian_hidden=16, num_samples=256)
-  elif name in ("small", "base", "large"):
-    cfg = KaoLRMConfig(lrm=openlrm_config(name, image_size=224, freeze_encoder=True,
-                                          freeze_upsampler=True))
-  else:
-    raise ValueError(f"unknown KaoLRM preset {name!r}: tiny, small, base or large")
-  return dataclasses.replace(cfg, **overrides)
+  that size; 'base' is KaoLRM as released). `overrides` replace KaoLRMConfig fields."""
+  return preset("KaoLRM", PRESETS, name, overrides)
 
 
 @flax.struct.dataclass
 class FlameParams:
   """shape [B, n_shape]; expression [B, n_expr]; pose [B, 6] (global + jaw
-  axis-angle); scale [B, 1] (>= 0.1); translation [B, 3]; raw [B, 160]."""
+  axis-angle); scale [B, 1] (>= 0.1); translation [B, 3]; raw [B, flame_out]."""
   shape: jax.Array
   expression: jax.Array
   pose: jax.Array
@@ -79,13 +90,24 @@ class FlameParams:
   translation: jax.Array
   raw: jax.Array
 
+  @classmethod
+  def from_raw(cls, raw, n_shape: int, n_expr: int, monocular: bool = False) -> "FlameParams":
+    """The FLAME decoder's output [B, n_shape + n_expr + 10], in this order: shape,
+    expression, pose (6), scale (softplus, at least MIN_SCALE), translation (3; its z
+    forced to 0 in monocular mode)."""
+    pose_at = n_shape + n_expr
+    scale_at = pose_at + POSE_DIM
+    translation = raw[:, scale_at + 1:scale_at + 4]
+    if monocular:
+      translation = translation.at[:, 2].set(0.0)
+    return cls(shape=raw[:, :n_shape], expression=raw[:, n_shape:pose_at],
+               pose=raw[:, pose_at:scale_at],
+               scale=jnp.maximum(jax.nn.softplus(raw[:, scale_at:scale_at + 1]), MIN_SCALE),
+               translation=translation, raw=raw)
 
-def _torch_linear(d_in, d_out, rngs, axes=(None, None), dtype=None, zero_bias=False):
-  """nn.Linear with PyTorch's default init (optionally a zero bias)."""
-  return nnx.Linear(d_in, d_out, dtype=dtype, rngs=rngs,
-                    kernel_init=torch_linear_init(d_in, True, axes),
-                    bias_init=(param_init(nnx.initializers.zeros_init(), axes[1]) if zero_bias
-                               else torch_linear_init(d_in, False, (axes[1],))))
+
+def _torch_linear(d_in, d_out, rngs, axes=(None, None), dtype=None):
+  return linear(d_in, d_out, axes, rngs, dtype=dtype, init="torch", zero_bias=False)
 
 
 class FlameDecoder(nnx.Module):
@@ -99,8 +121,8 @@ class FlameDecoder(nnx.Module):
     h1, h2, h3 = cfg.flame_hidden
     self.n_shape, self.n_expr = cfg.n_shape, cfg.n_expr
     self.monocular = cfg.monocular
-    self.fc1 = _torch_linear(in_dim, h1, rngs, (None, MLP), dtype)
-    self.fc2 = _torch_linear(h1, h2, rngs, (MLP, None), dtype)
+    self.fc1 = _torch_linear(in_dim, h1, rngs, (None, MLP_HIDDEN), dtype)
+    self.fc2 = _torch_linear(h1, h2, rngs, (MLP_HIDDEN, None), dtype)
     self.gate_down = _torch_linear(h2, cfg.gating_hidden, rngs, dtype=dtype)
     self.gate_up = _torch_linear(cfg.gating_hidden, h2, rngs, dtype=dtype)
     self.fc3 = _torch_linear(h2, h3, rngs, dtype=dtype)
@@ -118,29 +140,23 @@ class FlameDecoder(nnx.Module):
     return self.fc4(gelu(self.fc3(x)))
 
   def __call__(self, planes) -> FlameParams:
-    raw = self.raw(planes)
-    s, e = self.n_shape, self.n_shape + self.n_expr
-    translation = raw[:, e + 7:e + 10]
-    if self.monocular:
-      translation = translation.at[:, 2].set(0.0)
-    return FlameParams(shape=raw[:, :s], expression=raw[:, s:e], pose=raw[:, e:e + 6],
-                       scale=jnp.maximum(jax.nn.softplus(raw[:, e + 6:e + 7]), 0.1),
-                       translation=translation, raw=raw)
+    return FlameParams.from_raw(self.raw(planes), self.n_shape, self.n_expr, self.monocular)
 
 
 def gaussian_query_points(points, synth_focal):
-  """FLAME-world points [..., 3] -> triplane query (synth_focal / 0.75) * (x, -z, y)."""
-  return flame_to_triplane(points) * (synth_focal / 0.75)
+  """FLAME-world points [..., 3] -> triplane query (synth_focal / SOURCE_FOCAL) *
+  (x, -z, y)."""
+  return flame_to_triplane(points) * (synth_focal / SOURCE_FOCAL)
 
 
 def gaussian_activations(raw):
   """raw [..., 11] -> (opacity [..., 1] sigmoid, scales [..., 3] 0.5*softplus,
-  quaternion [..., 4] (w, x, y, z) L2-normalised, rgb [..., 3] sigmoid*1.002-0.001)."""
+  quaternion [..., 4] (w, x, y, z) L2-normalised, rgb [..., 3] rgb_activation)."""
   opacity = jax.nn.sigmoid(raw[..., 0:1])
   scales = 0.5 * jax.nn.softplus(raw[..., 1:4])
   quat = raw[..., 4:8]
   quat = quat / jnp.maximum(jnp.linalg.norm(quat, axis=-1, keepdims=True), 1e-12)
-  rgb = jax.nn.sigmoid(raw[..., 8:11]) * (1 + 2 * 0.001) - 0.001
+  rgb = rgb_activation(raw[..., 8:11])
   return opacity, scales, quat, rgb
 
 
@@ -209,19 +225,26 @@ DEFAULT_TILING = RenderTiling()
 
 
 class KaoLRM(nnx.Module):
+  """The KaoLRM network (module doc). Build it with `KaoLRM(cfg, flame, rngs)`, or
+  abstractly (no random weights, e.g. to load parameters into) with
+  `KaoLRM.abstract(cfg, flame)`."""
 
   def __init__(self, cfg: KaoLRMConfig, flame: FlameModel, rngs: nnx.Rngs):
     if (flame.n_shape, flame.n_expr) != (cfg.n_shape, cfg.n_expr):
       raise ValueError(f"FLAME model has {flame.n_shape} shape / {flame.n_expr} expression "
                        f"components, the config {cfg.n_shape} / {cfg.n_expr}")
-    lrm = cfg.lrm
     self.cfg = cfg
-    self.encoder = Dinov2(lrm.encoder, rngs)
-    self.camera_embedder = CameraEmbedder(lrm.camera_dim, rngs, lrm.dtype)
-    self.transformer = TriplaneTransformer(lrm, rngs)
-    self.upsampler = Upsampler(lrm.dim, lrm.triplane_dim, rngs, lrm.freeze_upsampler)
-    self.init_decoders(rngs)
+    self.backbone = OpenLRMBackbone(cfg.lrm, rngs)
     self.flame = FlameBuffer(flame)
+    self.init_decoders(rngs)
+
+  @classmethod
+  def abstract(cls, cfg: KaoLRMConfig, flame: FlameModel) -> "KaoLRM":
+    """The network with abstract parameters (shapes and dtypes, nothing computed) and
+    the given FLAME model, ready for parameters restored from a checkpoint."""
+    model = nnx.eval_shape(lambda: cls(cfg, flame, nnx.Rngs(0)))
+    model.flame = FlameBuffer(flame)   # eval_shape made the FLAME arrays abstract too
+    return model
 
   def init_decoders(self, rngs: nnx.Rngs):
     """(Re)create the FLAME and Gaussian decoders with KaoLRM's initialisation
@@ -230,22 +253,18 @@ class KaoLRM(nnx.Module):
     self.flame_decoder = FlameDecoder(3 * lrm.triplane_high ** 2, self.cfg, rngs, lrm.dtype)
     self.gaussian_decoder = GaussianDecoder(lrm.triplane_dim, self.cfg.gaussian_hidden, rngs,
                                             lrm.dtype)
+    mark_parameters(self, frozen=[("backbone", part) for part in lrm.frozen_parts])
 
   @property
   def flame_model(self) -> FlameModel:
     return self.flame.get_value()
 
-  def planes(self, images, cameras):
-    """images [B, H, W, 3] in [0, 1], cameras [B, 16] -> planes [B, 3, 2r, 2r, C]."""
-    return backbone_planes(self, images, cameras)
-
-  def __call__(self, images, cameras, key, synth_focal=0.75,
+  def __call__(self, images, cameras, key, synth_focal=SOURCE_FOCAL,
                num_samples: Optional[int] = None) -> KaoLRMOutput:
-    """images [B, H, W, 3] in [0, 1] (RGBA composited on white; see
-    `kaojax.models.lrm.prepare_source_images`); cameras [B, 16]
-    OpenLRM source cameras (f = 0.75); key: PRNG key for the surface samples;
-    synth_focal: normalised focal of the render cameras (scalar or [B, 1, 1])."""
-    planes = self.planes(images, cameras)
+    """images [B, H, W, 3] in [0, 1] (`kaojax.images.prepare_source_image`); cameras
+    [B, 16] OpenLRM source cameras (focal SOURCE_FOCAL); key: PRNG key for the surface
+    samples; synth_focal: normalised focal of the render cameras (scalar or [B, 1, 1])."""
+    planes = self.backbone(images, cameras)
     params = self.flame_decoder(planes)
     flame = self.flame_model
     mesh = flame(params.shape.astype(jnp.float32), params.expression.astype(jnp.float32),
@@ -266,11 +285,8 @@ class KaoLRM(nnx.Module):
     pixels; background [B, V, 3] / [3] / None (black). Returns {"surfels": dict color
     [B, V, H, W, 3], alpha, depth, normal (kaojax.render.rasterize_surfels), "mesh":
     dict depth, normal, mask, face_id, bary (kaojax.render.rasterize_mesh)}. Values
-    are the renderers' own (no clamping); the renderer is imported here so that the
-    network can be built and trained without it. tiling: the renderers' tile
-    settings.
+    are the renderers' own (no clamping). tiling: the renderers' tile settings.
     """
-    from kaojax.render import rasterize_mesh, rasterize_surfels
     renders = {"surfels": rasterize_surfels(out.gaussians, viewmats, Ks, width, height,
                                             background, **tiling.surfel_options())}
     if mesh:
@@ -278,11 +294,47 @@ class KaoLRM(nnx.Module):
                                        width, height, **tiling.mesh_options())
     return renders
 
+  def forward_and_render(self, images, cameras, viewmats, Ks, render_size: int, key,
+                         synth_focal: float = SOURCE_FOCAL, background=None, mesh: bool = True,
+                         tiling: RenderTiling = DEFAULT_TILING):
+    """The forward pass from source images, then renders at the target views.
+
+    images [B, S, S, 3], cameras [B, 16] (as `__call__`); viewmats [B, V, 4, 4], Ks
+    [B, V, 3, 3] target cameras; render_size: R (square renders); background [B, 3]
+    or None (black). -> (KaoLRMOutput, renders as `render` gives them; no "mesh" entry
+    when `mesh` is False). A monocular model (cfg.monocular, one view) keeps only its
+    Gaussians nearest the camera (`monocular_gaussians`), in the output too.
+    """
+    out = self(images, cameras, key, synth_focal=synth_focal)
+    if self.cfg.monocular:
+      if viewmats.shape[1] != 1:
+        raise ValueError(f"a monocular model renders one view, got {viewmats.shape[1]}")
+      out = monocular_gaussians(out, viewmats)
+    if background is not None:
+      background = background[:, None, :]
+    return out, self.render(out, viewmats, Ks, render_size, render_size, background,
+                            mesh=mesh, tiling=tiling)
+
+
+def project_landmarks(landmarks, viewmats, Ks):
+  """landmarks [B, 68, 3] world, viewmats [B, V, 4, 4], Ks [B, V, 3, 3]
+  -> pixels [B, V, 68, 2]."""
+  pixels, _ = geometry.project_points(landmarks[:, None], viewmats, Ks)
+  return pixels
+
 
 def nearest_gaussians(gaussians: Gaussians, camera_center, keep: int) -> Gaussians:
-  """The `keep` Gaussians nearest to camera_center [B, 3] (KaoLRM's monocular mode
-  keeps int(N / 1.8))."""
+  """The `keep` Gaussians nearest to camera_center [B, 3]."""
   dist = jnp.sum((gaussians.means - camera_center[:, None]) ** 2, -1)
   _, idx = jax.lax.top_k(-dist, keep)
   take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), 1)
   return jax.tree.map(take, gaussians)
+
+
+def monocular_gaussians(out: KaoLRMOutput, viewmats) -> KaoLRMOutput:
+  """KaoLRM's monocular mode: `out` with only its int(N / MONOCULAR_KEEP_DIVISOR)
+  Gaussians nearest the (single) camera, viewmats [B, 1, 4, 4]; face_idx / bary are
+  left for all N samples."""
+  keep = int(out.gaussians.means.shape[1] / MONOCULAR_KEEP_DIVISOR)
+  return out.replace(gaussians=nearest_gaussians(
+      out.gaussians, geometry.camera_centers(viewmats[:, 0]), keep))

@@ -16,10 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kaojax.models.attention import dot_product_attention
-from kaojax.models.dinov2 import Dinov2, Dinov2Config, layer_norm, linear
-from kaojax.models.remat import remat_call
-from kaojax.sharding import COND, EMBED, HEADS, MLP, param_init
+from kaojax.models.dinov2 import Dinov2, Dinov2Config
+from kaojax.models.presets import preset
+from kaojax.nn.attention import dot_product_attention
+from kaojax.nn.layers import layer_norm, linear
+from kaojax.nn.params import call_frozen, mark_parameters
+from kaojax.nn.remat import remat_call
+from kaojax.sharding import COND, EMBED, HEADS, MLP_HIDDEN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +40,8 @@ class LRMConfig:
   efficient_attention: bool = True
   attention_chunk: int | None = None  # transformer self/cross-attention query block (memory)
   remat: bool = False
+  # Frozen parts of the backbone: their parameters are never updated (OpenLRM
+  # fine-tunes everything; KaoLRM freezes the encoder and the upsampler).
   freeze_encoder: bool = False
   freeze_upsampler: bool = False
   dtype: str = "float32"
@@ -46,38 +51,42 @@ class LRMConfig:
       raise ValueError("the upsampler doubles the resolution: triplane_high must be "
                        f"2 * triplane_low, got {self.triplane_high} and {self.triplane_low}")
 
+  @property
+  def frozen_parts(self) -> tuple:
+    """Attribute names of the backbone's frozen sub-modules."""
+    return tuple(name for name, frozen in (("encoder", self.freeze_encoder),
+                                           ("upsampler", self.freeze_upsampler)) if frozen)
 
-# Released OpenLRM sizes (spec section 1): encoder (width, heads), input size,
-# transformer (width, layers, heads), triplane channels. Head dim 64 everywhere.
-RELEASED_SIZES = {
-    "small": dict(encoder=(384, 6), image_size=224, dim=512, layers=12, heads=8, triplane_dim=32),
-    "base": dict(encoder=(768, 12), image_size=336, dim=768, layers=12, heads=12, triplane_dim=48),
-    "large": dict(encoder=(768, 12), image_size=448, dim=1024, layers=16, heads=16,
-                  triplane_dim=80),
+
+def _released(encoder_dim: int, encoder_heads: int, image_size: int, dim: int, layers: int,
+              heads: int, triplane_dim: int) -> LRMConfig:
+  """A released OpenLRM size (spec section 1): a 12-block DINOv2 encoder, camera
+  embedding 1024, 32x32 tokens per plane -> 64x64 planes, head dim 64."""
+  encoder = Dinov2Config(dim=encoder_dim, depth=12, heads=encoder_heads, image_size=image_size)
+  return LRMConfig(encoder=encoder, dim=dim, layers=layers, heads=heads,
+                   triplane_dim=triplane_dim)
+
+
+PRESETS = {
+    # CPU tests: 2 tiny blocks, 56 px, 4x4 token grid per plane.
+    "tiny": LRMConfig(encoder=Dinov2Config(dim=32, depth=2, heads=2, image_size=56),
+                      dim=32, layers=2, heads=2, camera_dim=32, triplane_low=4,
+                      triplane_high=8, triplane_dim=8),
+    "small": _released(384, 6, 224, dim=512, layers=12, heads=8, triplane_dim=32),
+    "base": _released(768, 12, 336, dim=768, layers=12, heads=12, triplane_dim=48),
+    "large": _released(768, 12, 448, dim=1024, layers=16, heads=16, triplane_dim=80),
 }
 
 
 def openlrm_config(name: str = "base", image_size: int = None, **overrides) -> LRMConfig:
-  """OpenLRM presets: 'tiny' (tests: 2 tiny blocks, 56 px, 4x4 token grid per plane)
-  or the released 'small' / 'base' / 'large' (camera embedding 1024, 32x32 tokens ->
-  64x64 planes). `image_size` replaces the preset's input size (the position table
-  is resized to it); `overrides` replace LRMConfig fields."""
-  if name == "tiny":
-    cfg = LRMConfig(encoder=Dinov2Config(dim=32, depth=2, heads=2, image_size=56),
-                    dim=32, layers=2, heads=2, camera_dim=32, triplane_low=4,
-                    triplane_high=8, triplane_dim=8)
-  elif name in RELEASED_SIZES:
-    size = dict(RELEASED_SIZES[name])
-    enc_dim, enc_heads = size.pop("encoder")
-    encoder = Dinov2Config(dim=enc_dim, depth=12, heads=enc_heads,
-                           image_size=size.pop("image_size"))
-    cfg = LRMConfig(encoder=encoder, **size)
-  else:
-    raise ValueError(f"unknown OpenLRM preset {name!r}: tiny, small, base or large")
+  """OpenLRM presets: 'tiny' or the released 'small' / 'base' / 'large'.
+  `image_size` replaces the preset's input size (the position table is resized to
+  it); `overrides` replace LRMConfig fields."""
+  cfg = preset("OpenLRM", PRESETS, name, overrides)
   if image_size is not None:
     cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder,
                                                                image_size=image_size))
-  return dataclasses.replace(cfg, **overrides)
+  return cfg
 
 
 def with_runtime_options(cfg: LRMConfig, efficient_attention: bool = None, remat: bool = None,
@@ -92,50 +101,6 @@ def with_runtime_options(cfg: LRMConfig, efficient_attention: bool = None, remat
     cfg = dataclasses.replace(cfg, attention_chunk=attention_chunk or None)
   return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **options),
                              **options)
-
-
-def _bicubic_align_corners_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
-  """[out_size, in_size] weights of torch's bicubic interpolate with
-  align_corners=True (no antialiasing): source x = i * (in - 1) / (out - 1), four taps
-  with the a = -0.75 Keys kernel, indices clamped to the border."""
-  scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-  weights = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    src = i * scale
-    base = int(np.floor(src))
-    t = src - base
-    taps = (((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-            ((a + 2) * t - (a + 3)) * t * t + 1,
-            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
-            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a)
-    for k, w in zip(range(-1, 3), taps):
-      weights[i, min(max(base + k, 0), in_size - 1)] += w
-  return weights
-
-
-def prepare_source_images(images, size: int):
-  """OpenLRM / KaoLRM source-image preparation.
-
-  images [B, H, W, 3 or 4] in [0, 1] (RGBA is composited on white) -> [B, size, size, 3]:
-  bicubic resize as torch's interpolate(mode="bicubic", align_corners=True), then
-  clamped to [0, 1] (the bicubic kernel overshoots). No mean/std normalisation.
-  """
-  images = jnp.asarray(images, jnp.float32)
-  if images.ndim != 4 or images.shape[-1] not in (3, 4):
-    raise ValueError(f"prepare_source_images: images must be [B, H, W, 3|4], got {images.shape}")
-  if images.shape[-1] == 4:
-    alpha = images[..., 3:]
-    images = images[..., :3] * alpha + (1.0 - alpha)
-  rows = jnp.asarray(_bicubic_align_corners_matrix(images.shape[1], size), jnp.float32)
-  cols = jnp.asarray(_bicubic_align_corners_matrix(images.shape[2], size), jnp.float32)
-  out = jnp.einsum("oh,bhwc->bowc", rows, images, precision="highest")
-  out = jnp.einsum("pw,bowc->bopc", cols, out, precision="highest")
-  return jnp.clip(out, 0.0, 1.0)
-
-
-def frozen(value, is_frozen: bool):
-  """A parameter value with its gradient stopped when the module is frozen."""
-  return jax.lax.stop_gradient(value) if is_frozen else value
 
 
 class CameraEmbedder(nnx.Module):
@@ -197,8 +162,8 @@ class ModulatedBlock(nnx.Module):
     self.norm2 = ModulatedLayerNorm(d, e, cfg.ln_eps, rngs, dt)
     self.self_attn = Attention(d, d, cfg.heads, rngs, **attention)
     self.norm3 = ModulatedLayerNorm(d, e, cfg.ln_eps, rngs, dt)
-    self.fc1 = linear(d, int(d * cfg.mlp_ratio), (EMBED, MLP), rngs, dtype=dt)
-    self.fc2 = linear(int(d * cfg.mlp_ratio), d, (MLP, EMBED), rngs, dtype=dt)
+    self.fc1 = linear(d, int(d * cfg.mlp_ratio), (EMBED, MLP_HIDDEN), rngs, dtype=dt)
+    self.fc2 = linear(int(d * cfg.mlp_ratio), d, (MLP_HIDDEN, EMBED), rngs, dtype=dt)
 
   def __call__(self, x, image_tokens, cond):
     x = x + self.cross_attn(self.norm1(x, cond), image_tokens)
@@ -242,8 +207,7 @@ class Upsampler(nnx.Module):
   tokens [B, 3*r*r, D] -> planes [B, 3, 2r, 2r, C].
   out[2i+a, 2j+b, o] = sum_c x[i, j, c] W[c, a, b, o] + bias[o]."""
 
-  def __init__(self, dim: int, channels: int, rngs: nnx.Rngs, frozen_params: bool = False):
-    self.frozen = frozen_params
+  def __init__(self, dim: int, channels: int, rngs: nnx.Rngs):
     bound = 1.0 / math.sqrt(channels * 4)   # torch's default for ConvTranspose2d
     self.kernel = nnx.Param(
         jax.random.uniform(rngs.params(), (dim, 2, 2, channels), minval=-bound, maxval=bound),
@@ -255,8 +219,8 @@ class Upsampler(nnx.Module):
   def __call__(self, tokens):
     b, n, d = tokens.shape
     r = math.isqrt(n // 3)
-    kernel = frozen(self.kernel[...], self.frozen).astype(tokens.dtype)
-    bias = frozen(self.bias[...], self.frozen).astype(tokens.dtype)
+    kernel = self.kernel[...].astype(tokens.dtype)
+    bias = self.bias[...].astype(tokens.dtype)
     x = tokens.reshape(b, 3, r, r, d)
     out = jnp.einsum("bpijd,dxyc->bpixjyc", x, kernel)
     return out.reshape(b, 3, 2 * r, 2 * r, -1) + bias
@@ -299,6 +263,15 @@ def sample_triplane(planes, points, box_warp: float = 2.0):
   return jax.vmap(one)(planes, coords.astype(planes.dtype))
 
 
+# OpenLRM's colour activation: sigmoid stretched by RGB_MARGIN on both sides of [0, 1].
+RGB_MARGIN = 0.001
+
+
+def rgb_activation(raw):
+  """[..., 3] decoder output -> colour sigmoid(raw) * (1 + 2 m) - m, m = RGB_MARGIN."""
+  return jax.nn.sigmoid(raw) * (1 + 2 * RGB_MARGIN) - RGB_MARGIN
+
+
 def concat_plane_features(features):
   """[B, 3, N, C] -> [B, N, 3C] (plane-major)."""
   b, p, n, c = features.shape
@@ -311,12 +284,9 @@ class PointDecoder(nnx.Module):
   def __init__(self, in_dim: int, out_dim: int, rngs: nnx.Rngs, hidden: int = 64,
                zero_bias: bool = False, dtype=None):
     dims = (in_dim, hidden, hidden, hidden, out_dim)
-    self.layers = nnx.List([
-        nnx.Linear(a, b, dtype=dtype, rngs=rngs,
-                   kernel_init=torch_linear_init(a, kernel=True, axes=(None, None)),
-                   bias_init=(param_init(nnx.initializers.zeros_init(), None) if zero_bias
-                              else torch_linear_init(a, kernel=False, axes=(None,))))
-        for a, b in zip(dims[:-1], dims[1:])])
+    self.layers = nnx.List([linear(a, b, (None, None), rngs, dtype=dtype, init="torch",
+                                   zero_bias=zero_bias)
+                            for a, b in zip(dims[:-1], dims[1:])])
 
   def __call__(self, x):
     for i, layer in enumerate(self.layers):
@@ -326,57 +296,46 @@ class PointDecoder(nnx.Module):
     return x
 
 
-def torch_linear_init(fan_in: int, kernel: bool, axes):
-  """PyTorch's default nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both the
-  weight (kaiming_uniform with a=sqrt(5)) and the bias."""
-  del kernel  # same bound for weight and bias
-  bound = 1.0 / math.sqrt(fan_in)
+class OpenLRMBackbone(nnx.Module):
+  """The image-to-triplane network shared by OpenLRM and KaoLRM:
+  images [B, H, W, 3] in [0, 1] + source cameras [B, 16] -> planes [B, 3, 2r, 2r, C]."""
 
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return param_init(init, *axes)
-
-
-def backbone_planes(model, images, cameras):
-  """The image-to-triplane path shared by OpenLRM and KaoLRM: `model` has
-  `encoder`, `camera_embedder`, `transformer`, `upsampler` and an LRMConfig at
-  `model.cfg` or `model.cfg.lrm`.
-
-  images [B, H, W, 3] in [0, 1]; cameras [B, 16] -> planes [B, 3, 2r, 2r, C].
-  A frozen encoder's output has its gradient stopped (the upsampler stops its own).
-  """
-  cfg = getattr(model.cfg, "lrm", model.cfg)
-  tokens = model.encoder(images)
-  if cfg.freeze_encoder:
-    tokens = jax.lax.stop_gradient(tokens)
-  cond = model.camera_embedder(cameras.astype(tokens.dtype))
-  return model.upsampler(model.transformer(tokens, cond))
-
-
-class OpenLRM(nnx.Module):
-  """The OpenLRM network: images [B, H, W, 3] in [0, 1] + source cameras [B, 16]
-  -> planes [B, 3, 2r, 2r, C]; `query_points` decodes NeRF density and colour."""
-
-  def __init__(self, cfg: LRMConfig, rngs: nnx.Rngs, nerf_decoder: bool = True):
+  def __init__(self, cfg: LRMConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.encoder = Dinov2(cfg.encoder, rngs)
     self.camera_embedder = CameraEmbedder(cfg.camera_dim, rngs, cfg.dtype)
     self.transformer = TriplaneTransformer(cfg, rngs)
-    self.upsampler = Upsampler(cfg.dim, cfg.triplane_dim, rngs, cfg.freeze_upsampler)
-    self.synthesizer = (PointDecoder(3 * cfg.triplane_dim, 4, rngs, dtype=cfg.dtype)
-                        if nerf_decoder else None)
+    self.upsampler = Upsampler(cfg.dim, cfg.triplane_dim, rngs)
 
-  def planes(self, images, cameras):
-    """images [B, H, W, 3], cameras [B, 16] -> planes [B, 3, 2r, 2r, C]."""
-    return backbone_planes(self, images, cameras)
+  def _run(self, name: str, *args):
+    """Sub-module `name` on `args`, its gradients stopped when it is frozen."""
+    module = getattr(self, name)
+    return call_frozen(module, *args) if name in self.cfg.frozen_parts else module(*args)
 
   def __call__(self, images, cameras):
-    return self.planes(images, cameras)
+    tokens = self._run("encoder", images)
+    cond = self.camera_embedder(cameras.astype(tokens.dtype))
+    return self._run("upsampler", self.transformer(tokens, cond))
+
+
+class OpenLRM(nnx.Module):
+  """The OpenLRM network: the backbone's planes, and `query_points` to decode NeRF
+  density and colour from them."""
+
+  def __init__(self, cfg: LRMConfig, rngs: nnx.Rngs, nerf_decoder: bool = True):
+    self.cfg = cfg
+    self.backbone = OpenLRMBackbone(cfg, rngs)
+    self.synthesizer = (PointDecoder(3 * cfg.triplane_dim, 4, rngs, dtype=cfg.dtype)
+                        if nerf_decoder else None)
+    mark_parameters(self, frozen=[("backbone", part) for part in cfg.frozen_parts])
+
+  def __call__(self, images, cameras):
+    """images [B, H, W, 3] in [0, 1], cameras [B, 16] -> planes [B, 3, 2r, 2r, C]."""
+    return self.backbone(images, cameras)
 
   def query_points(self, planes, points):
     """planes [B, 3, H, W, C], points [B, N, 3] -> dict sigma [B, N, 1] (softplus(raw - 1)),
-    rgb [B, N, 3] (sigmoid * 1.002 - 0.001), raw [B, N, 4]."""
+    rgb [B, N, 3] (rgb_activation), raw [B, N, 4]."""
     raw = self.synthesizer(concat_plane_features(sample_triplane(planes, points)))
     return {"raw": raw, "sigma": jax.nn.softplus(raw[..., :1] - 1.0),
-            "rgb": jax.nn.sigmoid(raw[..., 1:]) * (1 + 2 * 0.001) - 0.001}
+            "rgb": rgb_activation(raw[..., 1:])}

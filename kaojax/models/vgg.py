@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kaojax.nn.layers import conv
+
 # Output channels of the convs of each block.
 VGG16_WIDTHS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 TAP_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
@@ -44,9 +46,8 @@ class VGG16Features(nnx.Module):
     convs, channels = [], in_channels
     for block in self.widths:
       for width in block:
-        convs.append(nnx.Conv(channels, width, (3, 3), padding=((1, 1), (1, 1)),
-                              dtype=dtype, precision=jax.lax.Precision.HIGHEST,
-                              rngs=rngs))
+        convs.append(conv(channels, width, 3, rngs, dtype=dtype,
+                          precision=jax.lax.Precision.HIGHEST))
         channels = width
     self.convs = nnx.List(convs)
 

@@ -100,7 +100,8 @@ def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, backgr
     bins = tiles.bin_to_tiles(grid, tmin, tmax, active, proj["depths"], capacity)
     prim = dict(means2d=proj["means2d"], conics=proj["conics"], opacities=opacities,
                 colors=colors, depths=proj["depths"])
-    feats, trans = tiles.composite_tiles(grid, bins, prim, gaussian_alpha, 4, block_size)
+    feats, trans = tiles.composite_tiles(grid, bins, prim, gaussian_alpha,
+                                         tiles.GAUSSIAN_LAYOUT.features, block_size)
     counts, overflow = bins.counts, bins.overflow
   alpha = 1.0 - trans
   color = feats[..., :3] + trans[..., None] * background

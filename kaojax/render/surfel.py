@@ -121,7 +121,8 @@ def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, backgr
     bins = tiles.bin_to_tiles(grid, tmin, tmax, active, proj["depths"], capacity)
     prim = dict(means2d=proj["means2d"], ray_transforms=proj["ray_transforms"],
                 opacities=opacities, colors=colors, normals=proj["normals"])
-    feats, trans = tiles.composite_tiles(grid, bins, prim, surfel_alpha, 7, block_size)
+    feats, trans = tiles.composite_tiles(grid, bins, prim, surfel_alpha,
+                                         tiles.SURFEL_LAYOUT.features, block_size)
     counts, overflow = bins.counts, bins.overflow
   alpha = 1.0 - trans
   color = feats[..., :3] + trans[..., None] * background

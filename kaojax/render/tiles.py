@@ -30,6 +30,22 @@ TRANSMITTANCE_THRESHOLD = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
+class PrimitiveLayout:
+  """How a compositing kernel sees one projected primitive: `params` numbers per
+  primitive and `features` composited per pixel (the native kernels' layouts are
+  written out in render/native/csrc/raster_math.h)."""
+  params: int
+  features: int
+
+
+# 2DGS surfel: means2d (2), ray transform (9), opacity, rgb (3), normal (3);
+# features (r, g, b, depth, nx, ny, nz).
+SURFEL_LAYOUT = PrimitiveLayout(params=18, features=7)
+# 3D Gaussian: means2d (2), conic (3), opacity, rgb (3), depth; features (r, g, b, depth).
+GAUSSIAN_LAYOUT = PrimitiveLayout(params=10, features=4)
+
+
+@dataclasses.dataclass(frozen=True)
 class TileGrid:
   """Static tiling of a width x height image into tile_size^2 tiles."""
   width: int

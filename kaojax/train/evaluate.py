@@ -27,17 +27,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from data_pipeline import layout, sources
+from data_pipeline.batch import make_batch
 from kaojax import geometry
-from kaojax.models.kaolrm import DEFAULT_TILING, RenderTiling
-from kaojax.train.step import forward_and_render, project_landmarks
+from kaojax.models.kaolrm import DEFAULT_TILING, RenderTiling, project_landmarks
 
 
 @dataclasses.dataclass
 class EvalSet:
   """Held-out samples, fixed for the whole run.
 
-  batches: list of sample batches (white background), one per source view set;
+  batches: list of Batches (white background), one per source view set;
   gt_vertices: [S, V, 3] or None;
   gt_rotations: [N, S, 3, 3] or None, the head rotation of each subject in the
     normalised world of each of the N source-view sets.
@@ -58,14 +60,14 @@ def load_eval_set(root, split: str, cfg: sources.PipelineConfig, max_subjects: i
   for j in range(num_source_views):
     samples = [sources.load_multiview(root / uid, np.random.default_rng((seed, i, j)), cfg)
                for i, uid in enumerate(uids)]
-    batches.append({k: np.stack([s[k] for s in samples]) for k in samples[0]})
+    batches.append(make_batch(samples))
   gt_files = [root / uid / "gt" / "params.npz" for uid in uids]
   if not all(f.is_file() for f in gt_files):
     return EvalSet(batches=batches)
   gt = [np.load(f) for f in gt_files]
   head = np.asarray(geometry.axis_angle_to_matrix(
       np.stack([g["pose"][:3] for g in gt]).astype(np.float32)))
-  rotations = np.stack([b["world_to_canonical"][:, :3, :3] @ head for b in batches])
+  rotations = np.stack([b.world_to_canonical[:, :3, :3] @ head for b in batches])
   return EvalSet(batches=batches,
                  gt_vertices=np.stack([g["vertices"] for g in gt]).astype(np.float32),
                  gt_rotations=rotations.astype(np.float32))
@@ -84,20 +86,21 @@ def psnr(a, b):
 
 def make_eval_step(graphdef, synth_focal: float, tiling: RenderTiling = DEFAULT_TILING):
   """jit-able (params, rest, batch, key) -> dict of per-subject predictions/metrics."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
 
   def eval_step(params, rest, batch, key):
     model = nnx.merge(graphdef, params, rest)
-    out, renders = forward_and_render(model, batch, key, synth_focal, tiling=tiling)
-    pred = project_landmarks(out.landmarks, batch["viewmats"], batch["Ks"])
-    target = batch["landmarks"]
+    out, renders = model.forward_and_render(
+        batch.source, batch.source_camera, batch.viewmats, batch.Ks, batch.render_size, key,
+        synth_focal=synth_focal, background=batch.background, tiling=tiling)
+    pred = project_landmarks(out.landmarks, batch.viewmats, batch.Ks)
+    target = batch.landmarks
     valid = jnp.all(target > 0, axis=(-2, -1))
     dist = jnp.linalg.norm(pred - target, axis=-1).mean(-1)           # [B, V]
     lmk_err = jnp.sum(dist * valid, -1) / jnp.maximum(jnp.sum(valid, -1), 1)
     color = renders["surfels"]["color"]
     return {
         "landmark_error_px": lmk_err,
-        "psnr": psnr(color[:, 0], batch["target_rgb"][:, 0]),
+        "psnr": psnr(color[:, 0], batch.target_rgb[:, 0]),
         "shape": out.flame.shape, "expression": out.flame.expression,
         "head_rotation": geometry.axis_angle_to_matrix(out.flame.pose[:, :3]),
         "vertices": out.vertices, "landmarks_px": pred,

@@ -1,8 +1,9 @@
 """KaoLRM's staged training: `train_and_evaluate(config, workdir)`.
 
 Stage I (landmarks, regularisers, alpha mask) for the first `stage1_epochs` epochs
-(or `stage1_steps` steps), then stage II (photometric + binding), with the weights of
-`kaojax.losses.stage_weights`. The run is sharded over a ("data", "fsdp") mesh,
+(or `stage1_steps` steps), then stage II (photometric + binding) (`stages.py`), with
+the weights of `kaojax.losses.stage_weights`. The run is sharded over a
+("data", "fsdp") device mesh,
 checkpointed with Orbax (exact resume from the latest checkpoint in the work
 directory: parameters, optimiser state, step; the data order is a pure function of
 (seed, step)), and writes metrics.jsonl, TensorBoard logs and picture grids.
@@ -23,15 +24,18 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from data_pipeline import sources, synthetic
+from data_pipeline.batch import Batch
 from kaojax import losses, sharding
 from kaojax.flame.io import load_flame
 from kaojax.flame.synthetic import make_synthetic_flame
+from kaojax.models import loading
 from kaojax.models.kaolrm import DEFAULT_TILING, KaoLRM, RenderTiling, kaolrm_config
 from kaojax.models.lrm import with_runtime_options
 from kaojax.render import native as render_native
 from kaojax.train import evaluate as evaluation
 from kaojax.train.metrics import MetricWriter
 from kaojax.train.optimizer import make_optimizer
+from kaojax.train.stages import StageSchedule, stages_to_run
 from kaojax.train.step import create_state, make_train_step, missing_perceptual_error
 from kaojax.train.visualize import save_grid
 
@@ -50,24 +54,34 @@ def build_model(config, flame):
   (`config.init.converted_model`: the output of `python -m kaojax.convert.openlrm
   --kind kaolrm-init` (OpenLRM backbone + fresh decoders) or `--kind kaolrm`)."""
   if config.init.converted_model:
-    from kaojax.convert import checkpoint  # pylint: disable=import-outside-toplevel
-    model = checkpoint.load_model(config.init.converted_model, flame=flame,
-                                  remat=config.model.remat, dtype=config.model.dtype,
-                                  attention_chunk=config.model.attention_chunk)
+    model = loading.load_model(config.init.converted_model, flame=flame,
+                               remat=config.model.remat, dtype=config.model.dtype,
+                               attention_chunk=config.model.attention_chunk)
     if not isinstance(model, KaoLRM):
       raise ValueError(f"{config.init.converted_model} holds an OpenLRM model; convert the "
                        "OpenLRM checkpoint with --kind kaolrm-init to start KaoLRM training")
     logging.info("model initialised from %s", config.init.converted_model)
     return model
+  return KaoLRM(model_config(config), flame, nnx.Rngs(config.seed))
+
+
+def model_config(config):
+  """The KaoLRMConfig a run config asks for: `config.model.preset` with the run's
+  FLAME sizes, surface samples, data kind (monocular or not) and execution options."""
   cfg = kaolrm_config(config.model.preset, n_shape=config.model.n_shape,
                       n_expr=config.model.n_expr, num_samples=config.model.num_samples,
                       monocular=config.data.kind == "monocular")
   lrm = dataclasses.replace(cfg.lrm, encoder=dataclasses.replace(
       cfg.lrm.encoder, position_init=config.model.encoder_position_init))
-  cfg = dataclasses.replace(cfg, lrm=with_runtime_options(
+  return dataclasses.replace(cfg, lrm=with_runtime_options(
       lrm, remat=config.model.remat, dtype=config.model.dtype,
       attention_chunk=config.model.attention_chunk))
-  return KaoLRM(cfg, flame, nnx.Rngs(config.seed))
+
+
+def render_tiling(config) -> RenderTiling:
+  """The renderers' tile settings of `config.render`."""
+  return RenderTiling(config.render.surfel_tile_capacity, config.render.mesh_tile_capacity,
+                      config.render.mesh_tile_size)
 
 
 def dataset_root(config, workdir) -> pathlib.Path:
@@ -109,15 +123,6 @@ def make_loader(config, root, split, cfg):
                    f"got {config.data.kind!r}")
 
 
-def stage_schedule(config, steps_per_epoch: int):
-  """-> (total steps, number of stage-I steps)."""
-  total = config.total_steps if config.total_steps > 0 else (
-      config.num_epochs * steps_per_epoch)
-  stage1 = config.stage1_steps if config.stage1_steps >= 0 else (
-      config.stage1_epochs * steps_per_epoch)
-  return total, min(stage1, total)
-
-
 def _checkpoint_manager(workdir, config):
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
@@ -135,12 +140,12 @@ def _restore_latest(manager, state, where: str):
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def place_state(state, mesh, tx):
-  """TrainState on `mesh`: parameters (and their optimiser state) sharded by the
-  logical rules (sharding.FSDP_RULES), everything else replicated."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params = sharding.shard_state(state.params, mesh, sharding.FSDP_RULES)
-  mesh_devices = set(mesh.devices.flat)
+def place_state(state, device_mesh, tx):
+  """TrainState on `device_mesh`: parameters (and their optimiser state) sharded by
+  the logical rules (sharding.RULES), everything else replicated."""
+  replicated = sharding.replicated(device_mesh)
+  params = sharding.shard_state(state.params, device_mesh)
+  mesh_devices = set(device_mesh.devices.flat)
   # Moments follow their parameters' shardings; step counters land on one device
   # and are replicated here.
   opt_state = jax.tree.map(
@@ -150,38 +155,23 @@ def place_state(state, mesh, tx):
                        step=jax.device_put(state.step, replicated), opt_state=opt_state)
 
 
-def compile_step(graphdef, tx, state, mesh, weights: dict, synth_focal: float,
+def compile_step(graphdef, tx, state, device_mesh, weights: dict, synth_focal: float,
                  tiling: RenderTiling = DEFAULT_TILING, perceptual=None):
   """The jitted train step (state, batch, key) -> (state, metrics) for `state`'s
-  shardings and batches split over `mesh`. perceptual: the LPIPS network when the
-  "lpips" weight is not 0 (its parameters are replicated and passed as an argument)."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings and batches split over `device_mesh`. perceptual: the LPIPS network when
+  the "lpips" weight is not 0 (its parameters are replicated and passed as an
+  argument)."""
+  replicated = sharding.replicated(device_mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   fn = make_train_step(graphdef, tx, weights, synth_focal, tiling, perceptual)
+  batch_sharding = sharding.batch_sharding(device_mesh)
   if not weights.get("lpips"):
-    return jax.jit(fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                                     replicated),
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding, replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
   perceptual_state = jax.device_put(nnx.state(perceptual), replicated)
-  jitted = jax.jit(fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                                     replicated, replicated),
+  jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sharding, replicated, replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
   return lambda state, batch, key: jitted(state, batch, key, perceptual_state)
-
-
-def stages_to_run(config) -> tuple:
-  """The stages (1, 2) a run of `config` can reach, from the config alone (before any
-  data is read): decided exactly when the total and the stage switch are both given
-  in steps or both in epochs, else both stages."""
-  total_steps = config.total_steps if config.total_steps > 0 else None
-  stage1_steps = config.stage1_steps if config.stage1_steps >= 0 else None
-  if total_steps is not None and stage1_steps is not None:
-    total, stage1 = total_steps, stage1_steps
-  elif total_steps is None and stage1_steps is None:
-    total, stage1 = config.num_epochs, config.stage1_epochs
-  else:
-    return (1, 2)
-  return tuple(s for s, reached in ((1, stage1 > 0), (2, total > stage1)) if reached)
 
 
 def build_perceptual(config, weights: dict):
@@ -197,9 +187,8 @@ def build_perceptual(config, weights: dict):
     return None
   if not path:
     raise missing_perceptual_error(weight)
-  from kaojax.convert.vgg import load_lpips  # pylint: disable=import-outside-toplevel
   logging.info("perceptual loss: LPIPS-VGG from %s", path)
-  return load_lpips(path)
+  return loading.load_lpips(path)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -230,11 +219,11 @@ def train_and_evaluate(config, workdir) -> dict:
     initialize_distributed(config.distributed)
   render_native.set_default_backend(config.render.get("backend", "auto"))
   logging.info("renderers: %s", render_native.resolve())
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  num_devices = mesh.devices.size
+  device_mesh = sharding.make_device_mesh(config.device_mesh.data, config.device_mesh.fsdp)
+  num_devices = device_mesh.devices.size
   if config.batch_size % num_devices:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                     f"{num_devices} devices of the mesh")
+                     f"{num_devices} devices of the device mesh")
   host_batch = config.batch_size // jax.process_count()
   multiview = config.data.kind == "multiview"
   weights = {stage: losses.stage_weights(stage, multiview, config.loss.weights_override)
@@ -252,19 +241,19 @@ def train_and_evaluate(config, workdir) -> dict:
                                 render_size=config.data.render_size)
   loader = make_loader(config, root, "train", pipe)
   steps_per_epoch = max(loader.num_subjects // config.batch_size, 1)
-  total_steps, stage1_steps = stage_schedule(config, steps_per_epoch)
+  schedule = StageSchedule.from_config(config, steps_per_epoch)
+  total_steps = schedule.total_steps
   logging.info("%d training subjects, %d steps per epoch, %d steps (%d in stage I), "
-               "mesh %s", loader.num_subjects, steps_per_epoch, total_steps, stage1_steps,
-               dict(mesh.shape))
+               "device mesh %s", loader.num_subjects, steps_per_epoch, total_steps,
+               schedule.stage1_steps, dict(device_mesh.shape))
 
   tx = make_optimizer(config.optim.lr, min(config.optim.warmup_steps, total_steps - 1),
                       total_steps, b1=config.optim.b1, b2=config.optim.b2,
                       weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip,
-                      restart_step=stage1_steps if 0 < stage1_steps < total_steps else None,
-                      restart_lr=config.optim.stage2_lr)
+                      restart_step=schedule.restart_step, restart_lr=config.optim.stage2_lr)
   graphdef, state = create_state(model, tx)
   del model
-  state = place_state(state, mesh, tx)
+  state = place_state(state, device_mesh, tx)
 
   manager = _checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
@@ -277,11 +266,10 @@ def train_and_evaluate(config, workdir) -> dict:
     logging.info("parameters initialised from %s", config.init.stage1_checkpoint)
   start = int(state.step)
 
-  data_sharding = sharding.batch_sharding(mesh)
-  tiling = RenderTiling(config.render.surfel_tile_capacity, config.render.mesh_tile_capacity,
-                        config.render.mesh_tile_size)
-  steps = {stage: compile_step(graphdef, tx, state, mesh, weights[stage], config.synth_focal,
-                               tiling, perceptual)
+  data_sharding = sharding.batch_sharding(device_mesh)
+  tiling = render_tiling(config)
+  steps = {stage: compile_step(graphdef, tx, state, device_mesh, weights[stage],
+                               config.synth_focal, tiling, perceptual)
            for stage in (1, 2)}
   eval_step = jax.jit(evaluation.make_eval_step(graphdef, config.synth_focal, tiling))
   eval_set = None
@@ -301,9 +289,7 @@ def train_and_evaluate(config, workdir) -> dict:
   def run_eval(step):
     metrics, outputs = evaluation.evaluate(eval_step, state.params, state.rest,
                                            eval_set, eval_key)
-    # The stage of the last step trained (the first row: the stage about to start), as
-    # the training rows: the evaluation right after the last stage-I step is stage I's.
-    writer.write(step, metrics, stage=1 if 0 < stage1_steps and step <= stage1_steps else 2)
+    writer.write(step, metrics, stage=schedule.stage_after(step))
     if jax.process_index() == 0:
       save_grid(workdir / "images" / f"step_{step:06d}.png", eval_set.batches[0], outputs)
     return metrics
@@ -317,10 +303,10 @@ def train_and_evaluate(config, workdir) -> dict:
       logging.info("stopping at step %d as config.stop_at_step says", step)
       break
     local = next(batches)
-    skipped += int(np.sum(local.pop("num_skipped")))
-    batch = {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v))
-             for k, v in local.items()}
-    stage = 1 if step < stage1_steps else 2
+    skipped += int(np.sum(local.num_skipped))
+    batch = jax.tree.map(lambda v: jax.make_array_from_process_local_data(data_sharding, v),
+                         local.replace(num_skipped=None))
+    stage = schedule.stage_at(step)
     state, metrics = steps[stage](state, batch, jax.random.fold_in(key, step))
     done = step + 1
     if done % config.log_every == 0 or done == total_steps:

@@ -1,7 +1,7 @@
-"""One KaoLRM training step: forward from the source view, render every target
-view as surfels and as the FLAME mesh, weighted stage losses, AdamW update.
+"""One KaoLRM training step: the model's forward-and-render from the source view at
+every target view, weighted stage losses, AdamW update of the trainable parameters.
 
-A batch is the dict of `data_pipeline.sources` with a leading batch axis B.
+Batches are `data_pipeline.batch.Batch`es.
 """
 
 import flax.struct
@@ -10,12 +10,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from kaojax import geometry, losses
-from kaojax.models.kaolrm import DEFAULT_TILING, TRAINABLE, RenderTiling, nearest_gaussians
-
-# KaoLRM's monocular mode renders the int(N / MONOCULAR_KEEP_DIVISOR) Gaussians
-# nearest the camera (those on the far side of the head are dropped).
-MONOCULAR_KEEP_DIVISOR = 1.8
+from kaojax import losses
+from kaojax.models.kaolrm import DEFAULT_TILING, RenderTiling, project_landmarks
+from kaojax.nn.params import TRAINABLE
 
 
 @flax.struct.dataclass
@@ -36,47 +33,6 @@ def create_state(model, tx) -> tuple:
                               opt_state=tx.init(params))
 
 
-def project_landmarks(landmarks, viewmats, Ks):
-  """landmarks [B, 68, 3] world, viewmats [B, V, 4, 4], Ks [B, V, 3, 3]
-  -> pixels [B, V, 68, 2]."""
-  pixels, _ = geometry.project_points(landmarks[:, None], viewmats, Ks)
-  return pixels
-
-
-def camera_centers(viewmats):
-  """World-to-camera [..., 4, 4] -> camera centres [..., 3] (-R^T t)."""
-  rot, trans = viewmats[..., :3, :3], viewmats[..., :3, 3]
-  return -jnp.einsum("...ji,...j->...i", rot, trans)
-
-
-def monocular_gaussians(out, viewmats):
-  """KaoLRM's monocular mode: `out` with only its int(N / 1.8) Gaussians nearest the
-  (single) target camera, viewmats [B, 1, 4, 4]; face_idx / bary are left for all N
-  samples."""
-  n = out.gaussians.means.shape[1]
-  keep = int(n / MONOCULAR_KEEP_DIVISOR)
-  return out.replace(gaussians=nearest_gaussians(out.gaussians,
-                                                 camera_centers(viewmats[:, 0]), keep))
-
-
-def forward_and_render(model, batch, key, synth_focal: float, mesh: bool = True,
-                       tiling: RenderTiling = DEFAULT_TILING):
-  """-> (model output, renders) at the batch's target views: {"surfels": ...,
-  "mesh": ...} as KaoLRM.render gives (without "mesh" when `mesh` is False).
-  tiling: the renderers' tile settings.
-  A monocular model (cfg.monocular) renders only the Gaussians nearest its camera
-  (`monocular_gaussians`; the output holds those)."""
-  out = model(batch["source"], batch["source_camera"], key, synth_focal=synth_focal)
-  if model.cfg.monocular:
-    if batch["viewmats"].shape[1] != 1:
-      raise ValueError(f"monocular batches have one view, got {batch['viewmats'].shape[1]}")
-    out = monocular_gaussians(out, batch["viewmats"])
-  size = batch["target_rgb"].shape[-2]
-  background = batch["background"][:, None, :]
-  return out, model.render(out, batch["viewmats"], batch["Ks"], size, size, background,
-                           mesh=mesh, tiling=tiling)
-
-
 # Terms that need the mesh renders (the surfels are always rendered).
 MESH_TERMS = ("pixel", "depth_binding", "normal_binding")
 
@@ -90,16 +46,16 @@ def loss_terms(model, out, renders, batch, terms, perceptual=None) -> dict:
     raise ValueError("the lpips term needs an LPIPS network (perceptual=...)")
   pick = {
       "pixel": lambda: losses.masked_pixel_mse(
-          surfels["color"], batch["target_rgb"],
+          surfels["color"], batch.target_rgb,
           model.flame_model.face_mask[mesh["face_id"]] & mesh["mask"]),
-      "dssim": lambda: losses.dssim(surfels["color"], batch["target_rgb"]),
-      "lpips": lambda: losses.lpips_loss(perceptual, surfels["color"], batch["target_rgb"]),
+      "dssim": lambda: losses.dssim(surfels["color"], batch.target_rgb),
+      "lpips": lambda: losses.lpips_loss(perceptual, surfels["color"], batch.target_rgb),
       "landmark": lambda: losses.landmark_loss(
-          project_landmarks(out.landmarks, batch["viewmats"], batch["Ks"]),
-          batch["landmarks"], render_size=batch["target_rgb"].shape[-2]),
+          project_landmarks(out.landmarks, batch.viewmats, batch.Ks),
+          batch.landmarks, render_size=batch.render_size),
       "shape_reg": lambda: losses.squared_norm(out.flame.shape),
       "expression_reg": lambda: losses.squared_norm(out.flame.expression),
-      "mask": lambda: losses.mask_l1(surfels["alpha"], batch["target_alpha"]),
+      "mask": lambda: losses.mask_l1(surfels["alpha"], batch.target_alpha),
       "depth_binding": lambda: losses.depth_binding(surfels["depth"], mesh["depth"],
                                                     mesh["mask"]),
       "normal_binding": lambda: losses.normal_binding(surfels["normal"], mesh["normal"],
@@ -145,8 +101,9 @@ def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
 
   def loss_fn(params, rest, batch, key, perceptual_state):
     model = nnx.merge(graphdef, params, rest)
-    out, renders = forward_and_render(model, batch, key, synth_focal, mesh=need_mesh,
-                                      tiling=tiling)
+    out, renders = model.forward_and_render(
+        batch.source, batch.source_camera, batch.viewmats, batch.Ks, batch.render_size, key,
+        synth_focal=synth_focal, background=batch.background, mesh=need_mesh, tiling=tiling)
     net = (nnx.merge(perceptual_graph, jax.lax.stop_gradient(perceptual_state))
            if use_perceptual else None)
     terms = loss_terms(model, out, renders, batch, active, net)

@@ -28,16 +28,16 @@ def _landmarks(tile, pred, target):
 def render_grid(batch, outputs, index: int = 0):
   """batch: an eval batch; outputs: `evaluate`'s per-subject outputs -> uint8 image
   [V * R, 4 * R, 3] for subject `index` (landmarks: green truth, red prediction)."""
-  targets = batch["target_rgb"][index]
+  targets = batch.target_rgb[index]
   size = targets.shape[-2]
-  source = _resize(batch["source"][index], size)
+  source = _resize(batch.source[index], size)
   rows = []
   for v in range(targets.shape[0]):
     normal = outputs["mesh_normal"][index, v]
     shade = np.clip(-normal[..., 2], 0, 1)[..., None] * np.array([0.85, 0.75, 0.7])
     mesh = np.where(outputs["mesh_mask"][index, v][..., None], shade, 1.0)
     mesh = _landmarks(_to_uint8(mesh), outputs["landmarks_px"][index, v],
-                      batch["landmarks"][index, v])
+                      batch.landmarks[index, v])
     rows.append(np.concatenate([source if v == 0 else np.full_like(source, 255),
                                 _to_uint8(targets[v]),
                                 _to_uint8(outputs["render"][index, v]), mesh], 1))

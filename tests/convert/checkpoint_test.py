@@ -1,4 +1,4 @@
-"""The converter CLI and the Orbax checkpoints it writes (kaojax.convert.checkpoint)."""
+"""The converter CLI and the Orbax checkpoints it writes (kaojax.models.loading)."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from kaojax.convert.checkpoint import load_model, save_model
+from kaojax.models.loading import load_model, save_model
 from kaojax.convert.openlrm import kaolrm_from_state, main, openlrm_from_state
 from kaojax.convert.torch_state import read_state_dict
 from kaojax.flame import load_flame_from_kaolrm_state

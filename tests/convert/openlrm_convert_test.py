@@ -32,7 +32,7 @@ def test_openlrm_base_key_list_loads_without_leftovers():
   cfg = model.cfg
   assert (cfg.dim, cfg.layers, cfg.heads, cfg.triplane_dim) == (768, 12, 12, 48)
   assert (cfg.encoder.dim, cfg.encoder.depth, cfg.encoder.image_size) == (768, 12, 336)
-  assert model.encoder.pos_embed.shape == (1, 1 + 24 * 24, 768)
+  assert model.backbone.encoder.pos_embed.shape == (1, 1 + 24 * 24, 768)
   assert_loaded_exactly(model, fills, ())
 
 
@@ -61,7 +61,7 @@ def small_openlrm_state():
 def test_small_separate_qkv_checkpoint_loads():
   state = small_openlrm_state()
   model = openlrm_from_state(state)
-  assert model.transformer.layers[0].cross_attn.k.kernel.shape == (384, 512)
+  assert model.backbone.transformer.layers[0].cross_attn.k.kernel.shape == (384, 512)
   assert model.cfg.encoder.image_size == 224 and model.cfg.heads == 8
 
 

@@ -2,11 +2,13 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from data_pipeline import layout, sources
+from data_pipeline.batch import Batch
 from kaojax import geometry
 
 CFG = sources.PipelineConfig(num_views=3, source_size=20, render_size=16)
@@ -119,23 +121,22 @@ def test_grain_pipeline_batches_resumes_and_shards(multiview_root):
   dataset = sources.make_dataset(loader, batch_size=2, seed=3)
   it = sources.iterate(dataset)
   batches = [next(it) for _ in range(3)]
-  assert batches[0]["target_rgb"].shape == (2, 3, 16, 16, 3)
-  resumed = next(sources.iterate(dataset, start_step=2))
-  for k in resumed:
-    np.testing.assert_array_equal(resumed[k], batches[2][k])
+  assert isinstance(batches[0], Batch)
+  assert batches[0].target_rgb.shape == (2, 3, 16, 16, 3)
+  assert batches[0].world_to_canonical.shape == (2, 4, 4)
+  assert batches[0].num_skipped.shape == (2,)
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  same(next(sources.iterate(dataset, start_step=2)), batches[2])
   # Worker processes (config.data.num_workers) load the same batches, resumed too.
   it = sources.iterate(dataset, start_step=1, num_workers=2)
   for batch in batches[1:]:
-    loaded = next(it)
-    assert loaded.keys() == batch.keys()
-    for k in batch:
-      np.testing.assert_array_equal(loaded[k], batch[k])
+    same(next(it), batch)
   # Two hosts read disjoint subjects.
   seen = []
   for host in range(2):
     host_ds = sources.make_dataset(loader, 1, seed=3, shuffle=False, process_index=host,
                                    process_count=2)
-    seen.append({float(next(sources.iterate(host_ds, s))["source"].sum())
+    seen.append({float(next(sources.iterate(host_ds, s)).source.sum())
                  for s in range(2)})
   assert not seen[0] & seen[1]
 

@@ -56,8 +56,8 @@ def test_openclip_layout(tiny_clip):
     oc[o + "attn.in_proj_weight"] = np.concatenate(
         [sd[h + f"self_attn.{n}_proj.weight"] for n in "qkv"])
     oc[o + "attn.in_proj_bias"] = np.concatenate([sd[h + f"self_attn.{n}_proj.bias"] for n in "qkv"])
-  cfg = CLIPVisionConfig(hidden_size=32, layers=2, heads=4, intermediate_size=64, patch_size=7,
-                         image_size=28, projection_dim=24)
+  cfg = CLIPVisionConfig.from_transformers(ref.config.to_dict())
+  assert (cfg.layers, cfg.image_size, cfg.projection_dim) == (2, 28, 24)
   with torch.no_grad():
     want = ref(pixel_values=nchw(_pixels())).image_embeds.numpy()
   np.testing.assert_allclose(np.asarray(load_clip_vision(oc, cfg)(_pixels())), want,

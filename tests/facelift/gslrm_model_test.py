@@ -11,7 +11,7 @@ from kaojax.convert.gslrm import load_gslrm, read_gslrm_state
 from kaojax.convert.torch_state import CheckpointError
 from kaojax.export.ply import read_gaussian_ply, write_gslrm_ply
 from kaojax.geometry.cameras import facelift_cameras
-from kaojax.models.gslrm import GSLRMConfig, PostFilter, post_filter_mask
+from kaojax.models.gslrm import GSLRMConfig, PostFilter, gslrm_config, post_filter_mask
 
 
 def _tiny_state(cfg: GSLRMConfig, seed=0):
@@ -35,7 +35,7 @@ def _tiny_state(cfg: GSLRMConfig, seed=0):
   return state
 
 
-CFG = GSLRMConfig(dim=64, heads=2, head_dim=32, layers=1, patch=8)
+CFG = gslrm_config("tiny")
 
 
 def test_torch_save_checkpoint_drops_loss_calculator(tmp_path):

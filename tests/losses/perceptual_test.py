@@ -22,6 +22,7 @@ from flax import nnx
 from kaojax.convert import vgg as vgg_convert
 from kaojax.convert.torch_state import CheckpointError
 from kaojax.losses.perceptual import LPIPS, lpips_loss
+from kaojax.models import loading
 from kaojax.models.vgg import VGG16_WIDTHS, torch_feature_indices
 
 
@@ -128,7 +129,7 @@ def test_lpips_matches_the_lpips_package_value_and_input_gradient(torch_lpips, t
   torch.save(vgg_state, vgg_file)
   vgg_convert.main(["--vgg", str(vgg_file), "--lin", str(lin_path),
                     "--out", str(tmp_path / "lpips_vgg")])
-  run, weights = _jit_lpips(vgg_convert.load_lpips(tmp_path / "lpips_vgg"))
+  run, weights = _jit_lpips(loading.load_lpips(tmp_path / "lpips_vgg"))
   a, b = _images(0)
   count = a.shape[0]
 

@@ -39,30 +39,30 @@ def test_openlrm_oracle(folder):
   _check("encoder_pos_embed_resized", resize_pos_embed(state["encoder.model.pos_embed"], grid),
          outputs["encoder_pos_embed_resized"], tol)
   images = np.transpose(inputs["image"], (0, 2, 3, 1))
-  tokens_in = model.encoder.prepare_tokens(images)
+  tokens_in = model.backbone.encoder.prepare_tokens(images)
   _check("encoder_tokens_in", tokens_in, outputs["encoder_tokens_in"], tol)
-  _check("encoder_block0_out", model.encoder.blocks[0](tokens_in),
+  _check("encoder_block0_out", model.backbone.encoder.blocks[0](tokens_in),
          outputs["encoder_block0_out"], tol)
-  image_tokens = model.encoder(images)
+  image_tokens = model.backbone.encoder(images)
   _check("image_tokens", image_tokens, outputs["image_tokens"], tol)
-  cond = model.camera_embedder(inputs["source_camera"])
+  cond = model.backbone.camera_embedder(inputs["source_camera"])
   _check("camera_embedding", cond, outputs["camera_embedding"], tol)
   # Downstream stages start from the reference's own inputs to isolate each stage.
   ref_tokens = outputs["image_tokens"]
-  layer_outs = model.transformer.run_layers(ref_tokens, outputs["camera_embedding"])
+  layer_outs = model.backbone.transformer.run_layers(ref_tokens, outputs["camera_embedding"])
   for i, out in enumerate(layer_outs):
     _check(f"transformer_layer{i}_out", out, outputs[f"transformer_layer{i}_out"], tol)
-  _check("transformer_tokens", model.transformer(ref_tokens, outputs["camera_embedding"]),
+  _check("transformer_tokens", model.backbone.transformer(ref_tokens, outputs["camera_embedding"]),
          outputs["transformer_tokens"], tol)
   # Attention in 7-query blocks (the last one padded) is the same network.
   chunked = nnx.eval_shape(lambda: OpenLRM(with_runtime_options(cfg, attention_chunk=7),
                                            nnx.Rngs(0)))
   load_openlrm_state(chunked, state)
-  assert chunked.transformer.layers[0].self_attn.query_chunk == 7
+  assert chunked.backbone.transformer.layers[0].self_attn.query_chunk == 7
   _check("transformer_tokens, attention_chunk=7",
-         chunked.transformer(ref_tokens, outputs["camera_embedding"]),
+         chunked.backbone.transformer(ref_tokens, outputs["camera_embedding"]),
          outputs["transformer_tokens"], tol)
-  planes = model.upsampler(outputs["transformer_tokens"])
+  planes = model.backbone.upsampler(outputs["transformer_tokens"])
   _check("planes", np.transpose(np.asarray(planes), (0, 1, 4, 2, 3)), outputs["planes"], tol)
   ref_planes = np.transpose(outputs["planes"], (0, 1, 3, 4, 2))
   sampled = sample_triplane(ref_planes, inputs["query_points"])

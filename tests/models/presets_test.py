@@ -12,7 +12,7 @@ from flax import nnx
 from kaojax.convert.openlrm import kaolrm_config_from_state, lrm_config_from_json
 from kaojax.models.kaolrm import KaoLRM, kaolrm_config
 from kaojax.models.lrm import OpenLRM, openlrm_config
-from kaojax.sharding import DEFAULT_RULES, partition_specs, shard_state
+from kaojax.sharding import RULES, make_device_mesh, partition_specs, shard_state
 from tests.convert.key_lists import read_key_list
 
 # Parameter counts of the released OpenLRM checkpoints (spec section 1).
@@ -76,22 +76,24 @@ def test_kaolrm_presets_build(name):
 
 
 def test_every_parameter_has_logical_axis_names(flame):
-  model = nnx.eval_shape(lambda: KaoLRM(kaolrm_config("tiny"), flame, nnx.Rngs(0)))
-  known = {name for name, _ in DEFAULT_RULES} | {None}
+  model = KaoLRM.abstract(kaolrm_config("tiny"), flame)
+  known = {name for name, _ in RULES} | {None}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     names = var.get_metadata().get("out_sharding")
     assert names is not None and len(names) == len(var.get_value().shape), path
     assert set(names) <= known, (path, names)
   specs = dict(nnx.to_flat_state(partition_specs(nnx.state(model, nnx.Param))))
-  assert tuple(specs[("transformer", "layers", 0, "fc1", "kernel")].get_value()) == (None, "model")
-  assert tuple(specs[("flame_decoder", "fc1", "kernel")].get_value()) == (None, "model")
+  # The model width is split over "fsdp"; feed-forward widths stay whole.
+  assert tuple(specs[("backbone", "transformer", "layers", 0, "fc1", "kernel")].get_value()) == (
+      "fsdp", None)
+  assert tuple(specs[("backbone", "transformer", "pos_embed")].get_value()) == (None, None, "fsdp")
 
 
 def test_shard_state_places_parameters_on_a_mesh(flame):
-  model = nnx.eval_shape(lambda: KaoLRM(kaolrm_config("tiny"), flame, nnx.Rngs(0)))
+  model = KaoLRM.abstract(kaolrm_config("tiny"), flame)
   state = jax.tree.map(lambda v: np.arange(math.prod(v.shape), dtype=v.dtype).reshape(v.shape),
                        nnx.state(model, nnx.Param))
-  mesh = jax.make_mesh((1, 1), ("data", "model"))
+  mesh = make_device_mesh(1, 1, jax.devices()[:1])
   sharded = shard_state(state, mesh)
   for (path, a), (_, b) in zip(nnx.to_flat_state(state), nnx.to_flat_state(sharded)):
     assert b.get_value().sharding.mesh.shape == mesh.shape, path

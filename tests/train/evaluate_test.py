@@ -21,13 +21,13 @@ def test_ground_truth_is_in_the_normalised_world_of_the_source_camera(tmp_path):
   assert eval_set.gt_rotations.shape == (2, len(uids), 3, 3) and len(uids) >= 2
   for j, batch in enumerate(eval_set.batches):
     for i, g in enumerate(gt):
-      to_canonical = batch["world_to_canonical"][i]
+      to_canonical = batch.world_to_canonical[i]
       # The ground-truth landmarks moved by world_to_canonical project, through the
       # normalised source camera, onto the source view's stored 2D landmarks.
       moved = g["landmarks3d"] @ to_canonical[:3, :3].T + to_canonical[:3, 3]
-      pixels, _ = geometry.project_points(jnp.asarray(moved), batch["viewmats"][i, 0],
-                                          batch["Ks"][i, 0])
-      np.testing.assert_allclose(pixels, batch["landmarks"][i, 0], atol=2e-3)
+      pixels, _ = geometry.project_points(jnp.asarray(moved), batch.viewmats[i, 0],
+                                          batch.Ks[i, 0])
+      np.testing.assert_allclose(pixels, batch.landmarks[i, 0], atol=2e-3)
       # FLAME posed with the ground-truth rotation of that world is the moved
       # ground-truth mesh up to a scale and a translation: no rotation is left.
       pose = np.concatenate([Rotation.from_matrix(eval_set.gt_rotations[j, i]).as_rotvec(),

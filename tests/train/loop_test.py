@@ -8,21 +8,32 @@ import pytest
 from flax import nnx
 
 from configs import stage1, stage2, finetune_mono
-from kaojax.convert.checkpoint import save_model
+from kaojax.models.loading import save_model
 from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.models.kaolrm import KaoLRM, kaolrm_config
 from kaojax.models.lrm import OpenLRM, openlrm_config
 from kaojax.train import loop
+from kaojax.train.stages import StageSchedule, stages_to_run
 from tests.train.tiny_run import tiny_config
 
 
 def test_stage_schedule_by_epoch_and_by_step():
+  schedule = lambda config: StageSchedule.from_config(config, steps_per_epoch=10)
   config = stage2.get_config()
-  assert loop.stage_schedule(config, steps_per_epoch=10) == (3000, 50)  # 300 / 5 epochs
+  assert schedule(config) == StageSchedule(3000, 50)  # 300 / 5 epochs
   config.stage1_steps, config.total_steps = 7, 20
-  assert loop.stage_schedule(config, 10) == (20, 7)
-  assert loop.stage_schedule(stage1.get_config(), 10) == (50, 50)
-  assert loop.stage_schedule(finetune_mono.get_config(), 10) == (2000, 0)
+  assert schedule(config) == StageSchedule(20, 7)
+  assert schedule(config).restart_step == 7
+  assert [schedule(config).stage_at(s) for s in (0, 6, 7, 19)] == [1, 1, 2, 2]
+  # Evaluation rows carry the stage of the last step trained (before any: the first).
+  assert [schedule(config).stage_after(s) for s in (0, 7, 8)] == [1, 1, 2]
+  assert schedule(stage1.get_config()) == StageSchedule(50, 50)
+  assert schedule(stage1.get_config()).restart_step is None
+  assert schedule(finetune_mono.get_config()) == StageSchedule(2000, 0)
+  assert schedule(finetune_mono.get_config()).stage_after(0) == 2
+  assert stages_to_run(stage1.get_config()) == (1,)
+  assert stages_to_run(finetune_mono.get_config()) == (2,)
+  assert stages_to_run(stage2.get_config()) == (1, 2)
 
 
 def test_paper_values_in_the_default_config():
@@ -42,8 +53,8 @@ def test_tiny_encoder_positions_from_the_config():
   config = stage2.get_config("tiny")
   assert config.model.encoder_position_init == "sincos"
   model = loop.build_model(config, make_synthetic_flame())
-  encoder = model.encoder.cfg
-  np.testing.assert_array_equal(model.encoder.pos_embed[...][0],
+  encoder = model.backbone.encoder.cfg
+  np.testing.assert_array_equal(model.backbone.encoder.pos_embed[...][0],
                                 sincos_positions(encoder.grid, encoder.dim))
 
 
@@ -58,8 +69,8 @@ def test_build_model_from_a_converted_directory(tmp_path):
   for a, b in zip(jax.tree.leaves(nnx.state(saved, nnx.Param)),
                   jax.tree.leaves(nnx.state(model, nnx.Param))):
     np.testing.assert_array_equal(a, b)
-  assert saved.transformer.layers[0].self_attn.query_chunk is None
-  assert model.transformer.layers[0].self_attn.query_chunk == 7
+  assert saved.backbone.transformer.layers[0].self_attn.query_chunk is None
+  assert model.backbone.transformer.layers[0].self_attn.query_chunk == 7
   save_model(tmp_path / "openlrm", OpenLRM(openlrm_config("tiny"), nnx.Rngs(0)))
   config.init.converted_model = str(tmp_path / "openlrm")
   with pytest.raises(ValueError, match="--kind kaolrm-init"):

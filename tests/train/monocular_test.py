@@ -8,39 +8,42 @@ import pytest
 from flax import nnx
 
 from configs import finetune_mono
+from data_pipeline.batch import random_batch
+from kaojax import geometry
 from kaojax.flame.synthetic import make_synthetic_flame
-from kaojax.models.kaolrm import KaoLRM, kaolrm_config
-from kaojax.train import step as train_step
+from kaojax.models.kaolrm import MONOCULAR_KEEP_DIVISOR, KaoLRM, kaolrm_config
 from kaojax.train.loop import train_and_evaluate
 from kaojax.train.metrics import read_metrics
-from tests.train.sharded_steps import make_batch
 
 
 def test_camera_centers_invert_the_view_matrix():
   c2w = np.eye(4, dtype=np.float32)
   c2w[:3, :3] = np.asarray(jax.random.orthogonal(jax.random.key(0), 3))
   c2w[:3, 3] = [0.3, -0.2, 2.0]
-  got = train_step.camera_centers(jnp.asarray(np.linalg.inv(c2w)))
+  got = geometry.camera_centers(jnp.asarray(np.linalg.inv(c2w)))
   np.testing.assert_allclose(got, c2w[:3, 3], atol=1e-5)
+
+
+def _forward_and_render(model, batch, key):
+  return model.forward_and_render(batch.source, batch.source_camera, batch.viewmats,
+                                  batch.Ks, batch.render_size, key, synth_focal=4.0,
+                                  background=batch.background, mesh=False)
 
 
 def test_monocular_forward_renders_only_the_gaussians_nearest_the_camera():
   n = 200
   model = KaoLRM(kaolrm_config("tiny", num_samples=n, monocular=True),
                  make_synthetic_flame(), nnx.Rngs(0))
-  batch = {k: jnp.asarray(v[:2]) for k, v in make_batch(1).items()}
-  batch = {k: v[:, :1] if k in ("target_rgb", "target_alpha", "viewmats", "Ks", "landmarks")
-           else v for k, v in batch.items()}
+  batch = random_batch(2, 1, 56, 32, seed=1)
   key = jax.random.key(5)
   # jitted: running a model op by op compiles every op on its own, 5x slower
-  forward_and_render = nnx.jit(
-      lambda m, b, k: train_step.forward_and_render(m, b, k, 4.0, mesh=False))
-  out, renders = forward_and_render(model, batch, key)
+  out, renders = nnx.jit(_forward_and_render)(model, batch, key)
   everything = nnx.jit(lambda m, x, c, k: m(x, c, k, synth_focal=4.0))(
-      model, batch["source"], batch["source_camera"], key)
-  keep = int(n / 1.8)
+      model, batch.source, batch.source_camera, key)
+  keep = int(n / MONOCULAR_KEEP_DIVISOR)
+  assert keep == int(n / 1.8)   # the reference's divisor
   assert out.gaussians.means.shape == (2, keep, 3)
-  centre = np.linalg.inv(np.asarray(batch["viewmats"][:, 0]))[:, :3, 3]
+  centre = np.linalg.inv(np.asarray(batch.viewmats[:, 0]))[:, :3, 3]
   dist_all = np.linalg.norm(np.asarray(everything.gaussians.means) - centre[:, None], axis=-1)
   dist_kept = np.linalg.norm(np.asarray(out.gaussians.means) - centre[:, None], axis=-1)
   np.testing.assert_allclose(np.sort(dist_kept, 1), np.sort(dist_all, 1)[:, :keep], atol=1e-5)
@@ -50,17 +53,15 @@ def test_monocular_forward_renders_only_the_gaussians_nearest_the_camera():
     np.testing.assert_allclose(out.gaussians.colors[b], everything.gaussians.colors[b, index],
                                atol=1e-6)
   # and the renders are those of the kept Gaussians
-  again = model.render(out, batch["viewmats"], batch["Ks"], 32, 32,
-                       batch["background"][:, None, :], mesh=False)
+  again = model.render(out, batch.viewmats, batch.Ks, 32, 32,
+                       batch.background[:, None, :], mesh=False)
   np.testing.assert_array_equal(renders["surfels"]["color"], again["surfels"]["color"])
-  full = model.render(everything, batch["viewmats"], batch["Ks"], 32, 32,
-                      batch["background"][:, None, :], mesh=False)
+  full = model.render(everything, batch.viewmats, batch.Ks, 32, 32,
+                      batch.background[:, None, :], mesh=False)
   assert not np.allclose(renders["surfels"]["alpha"], full["surfels"]["alpha"])
   # multi-view models render everything (shapes only: no need to compile it)
-  multi = nnx.eval_shape(lambda: KaoLRM(kaolrm_config("tiny", num_samples=n),
-                                        make_synthetic_flame(), nnx.Rngs(0)))
-  out_multi, _ = nnx.eval_shape(
-      lambda m: train_step.forward_and_render(m, batch, key, 4.0, mesh=False), multi)
+  multi = KaoLRM.abstract(kaolrm_config("tiny", num_samples=n), make_synthetic_flame())
+  out_multi, _ = nnx.eval_shape(lambda m: _forward_and_render(m, batch, key), multi)
   assert out_multi.gaussians.means.shape == (2, n, 3)
 
 

@@ -37,7 +37,7 @@ def _as_one_host(make_dataset):
     hosts = [make_dataset(loader, batch_size // HOSTS, seed, process_index=i,
                           process_count=HOSTS) for i in range(HOSTS)]
     return grain.MapDataset.range(len(hosts[0])).map(
-        lambda b: {k: np.concatenate([h[b][k] for h in hosts]) for k in hosts[0][b]})
+        lambda b: jax.tree.map(lambda *parts: np.concatenate(parts), *[h[b] for h in hosts]))
   return one_host
 
 

@@ -9,14 +9,14 @@ from flax import nnx
 
 from configs import stage1, stage2
 from kaojax import losses, sharding
-from kaojax.convert.vgg import save_lpips
+from data_pipeline.batch import random_batch
+from kaojax.models.loading import save_lpips
 from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.losses.perceptual import LPIPS
 from kaojax.models.kaolrm import KaoLRM, kaolrm_config
 from kaojax.train import loop
 from kaojax.train.optimizer import make_optimizer
-from kaojax.train.step import create_state, forward_and_render, make_train_step
-from tests.train.sharded_steps import make_batch
+from kaojax.train.step import create_state, make_train_step
 
 TINY_VGG = ((4, 4), (8, 8), (8, 8, 8), (8, 8, 8), (8, 8, 8))
 
@@ -25,7 +25,7 @@ def _setup():
   model = KaoLRM(kaolrm_config("tiny", num_samples=256), make_synthetic_flame(), nnx.Rngs(0))
   tx = make_optimizer(1e-3, 1, 10)
   graphdef, state = create_state(model, tx)
-  batch = {k: jnp.asarray(v[:2]) for k, v in make_batch(3).items()}
+  batch = jax.tree.map(jnp.asarray, random_batch(2, 2, 56, 32, seed=3))
   return graphdef, state, tx, batch
 
 
@@ -34,16 +34,18 @@ def test_lpips_term_is_computed_on_the_surfel_renders_and_trains():
   net = LPIPS(nnx.Rngs(1), TINY_VGG)
   before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(net))]
   weights = losses.stage_weights(2, overrides={"lpips": 0.5})
-  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-  step = loop.compile_step(graphdef, tx, jax.device_put(state), mesh, weights, 0.75,
+  device_mesh = sharding.make_device_mesh(1, 1, jax.devices()[:1])
+  step = loop.compile_step(graphdef, tx, jax.device_put(state), device_mesh, weights, 0.75,
                            perceptual=net)
   key = jax.random.key(4)
 
   @jax.jit
   def lpips_of_the_renders(params, rest):
     model = nnx.merge(graphdef, params, rest)
-    _, renders = forward_and_render(model, batch, key, 0.75, mesh=False)
-    return losses.lpips_loss(net, renders["surfels"]["color"], batch["target_rgb"])
+    _, renders = model.forward_and_render(
+        batch.source, batch.source_camera, batch.viewmats, batch.Ks, batch.render_size, key,
+        background=batch.background, mesh=False)
+    return losses.lpips_loss(net, renders["surfels"]["color"], batch.target_rgb)
 
   want = float(lpips_of_the_renders(state.params, state.rest))
 

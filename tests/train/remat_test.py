@@ -17,7 +17,7 @@ from kaojax.models.kaolrm import KaoLRM, kaolrm_config
 from kaojax.models.lrm import with_runtime_options
 from kaojax.train.optimizer import make_optimizer
 from kaojax.train.step import create_state, make_train_step
-from tests.train.sharded_steps import make_batch
+from data_pipeline.batch import random_batch
 
 
 def _step(**options):
@@ -27,7 +27,7 @@ def _step(**options):
   model = KaoLRM(cfg, make_synthetic_flame(), nnx.Rngs(0))
   tx = make_optimizer(1e-3, 1, 10)
   graphdef, state = create_state(model, tx)
-  batch = {k: jnp.asarray(v[:2]) for k, v in make_batch(2).items()}
+  batch = jax.tree.map(jnp.asarray, random_batch(2, 2, 56, 32, seed=2))
   step = jax.jit(make_train_step(graphdef, tx, losses.stage_weights(1), 0.75))
   start = [np.asarray(x) for x in jax.tree.leaves(state.params)]
   with jax.default_matmul_precision("highest"):

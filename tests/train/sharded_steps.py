@@ -11,7 +11,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kaojax import geometry, losses, sharding
+from data_pipeline.batch import random_batch
+from kaojax import losses, sharding
 from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.models.kaolrm import KaoLRM, kaolrm_config
 from kaojax.train.loop import compile_step, place_state
@@ -21,33 +22,15 @@ from kaojax.train.step import create_state
 BATCH, VIEWS, SIZE = 8, 2, 32
 
 
-def make_batch(seed=0):
-  rng = np.random.default_rng(seed)
-  c2w = np.asarray(geometry.orbit_cameras(rng.uniform(240, 300, (BATCH, VIEWS)),
-                                          rng.uniform(-20, 20, (BATCH, VIEWS)), 2.0, up="y"))
-  K = np.array([[0.75 * SIZE, 0, SIZE / 2], [0, 0.75 * SIZE, SIZE / 2], [0, 0, 1]])
-  return {
-      "source": rng.uniform(size=(BATCH, 56, 56, 3)).astype(np.float32),
-      "source_camera": np.tile(np.asarray(geometry.default_openlrm_source_camera()),
-                               (BATCH, 1)),
-      "target_rgb": rng.uniform(size=(BATCH, VIEWS, SIZE, SIZE, 3)).astype(np.float32),
-      "target_alpha": (rng.uniform(size=(BATCH, VIEWS, SIZE, SIZE)) > 0.5).astype(np.float32),
-      "viewmats": np.linalg.inv(c2w).astype(np.float32),
-      "Ks": np.broadcast_to(K, (BATCH, VIEWS, 3, 3)).astype(np.float32),
-      "landmarks": rng.uniform(1, SIZE - 1, (BATCH, VIEWS, 68, 2)).astype(np.float32),
-      "background": np.ones((BATCH, 3), np.float32),
-  }
-
-
-def run(mesh, batch, num_steps=2):
+def run(device_mesh, batch, num_steps=2):
   flame = make_synthetic_flame()
   model = KaoLRM(kaolrm_config("tiny", num_samples=256), flame, nnx.Rngs(0))
   tx = make_optimizer(1e-4, 1, 10)
   graphdef, state = create_state(model, tx)
-  state = place_state(state, mesh, tx)
+  state = place_state(state, device_mesh, tx)
   weights = losses.stage_weights(2, overrides={"lpips": 0})
-  step = compile_step(graphdef, tx, state, mesh, weights, 0.75)
-  data = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+  step = compile_step(graphdef, tx, state, device_mesh, weights, 0.75)
+  data = jax.device_put(batch, sharding.batch_sharding(device_mesh))
   history = []
   for i in range(num_steps):
     state, metrics = step(state, data, jax.random.fold_in(jax.random.key(0), i))
@@ -65,9 +48,9 @@ def initial_params():
 def main():
   devices = jax.devices()
   assert len(devices) == 8, f"expected 8 fake devices, got {len(devices)}"
-  batch = make_batch()
-  single, single_params, _ = run(sharding.make_mesh(1, 1, devices[:1]), batch)
-  multi, multi_params, specs = run(sharding.make_mesh(4, 2, devices), batch)
+  batch = random_batch(BATCH, VIEWS, 56, SIZE)
+  single, single_params, _ = run(sharding.make_device_mesh(1, 1, devices[:1]), batch)
+  multi, multi_params, specs = run(sharding.make_device_mesh(4, 2, devices), batch)
   # Loss terms; the gradient norm (a diagnostic summed over every parameter in a
   # different order per mesh) is reported apart.
   loss_diff = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-6)

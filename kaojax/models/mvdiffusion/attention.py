@@ -12,7 +12,9 @@ from typing import Optional
 import jax.numpy as jnp
 from flax import nnx
 
-from kaojax.models.attention import dot_product_attention
+from kaojax.nn.attention import dot_product_attention
+from kaojax.nn.layers import linear
+from kaojax.sharding import COND, EMBED, HEADS
 
 
 def front_view_context(x, num_views: int):
@@ -38,7 +40,9 @@ def attention(q, k, v, heads: int, query_chunk: Optional[int] = None):
 class Attention(nnx.Module):
   """diffusers `Attention`: to_q/to_k/to_v (bias optional), to_out[0] (with bias).
 
-  context_dim: width of the cross-attention context (None: self-attention)."""
+  context_dim: width of the cross-attention context (None: self-attention).
+  Axis names: queries read the model width (EMBED), keys/values the context (COND)
+  in cross-attention, the projected width is HEADS."""
 
   def __init__(self, query_dim: int, heads: int, head_dim: int, rngs: nnx.Rngs,
                context_dim: Optional[int] = None, qkv_bias: bool = False, dtype=None,
@@ -47,10 +51,11 @@ class Attention(nnx.Module):
     self.heads = heads
     self.query_chunk = query_chunk
     kv_dim = context_dim or query_dim
-    self.to_q = nnx.Linear(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-    self.to_k = nnx.Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-    self.to_v = nnx.Linear(kv_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-    self.to_out = nnx.List([nnx.Linear(inner, query_dim, dtype=dtype, rngs=rngs)])
+    kv_axis = COND if context_dim else EMBED
+    self.to_q = linear(query_dim, inner, (EMBED, HEADS), rngs, use_bias=qkv_bias, dtype=dtype)
+    self.to_k = linear(kv_dim, inner, (kv_axis, HEADS), rngs, use_bias=qkv_bias, dtype=dtype)
+    self.to_v = linear(kv_dim, inner, (kv_axis, HEADS), rngs, use_bias=qkv_bias, dtype=dtype)
+    self.to_out = nnx.List([linear(inner, query_dim, (HEADS, EMBED), rngs, dtype=dtype)])
 
   def __call__(self, x, context=None, num_views: Optional[int] = None):
     """x [N, L, C]; context [N, T, Cc] (cross-attention) or None; num_views: use the

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kaojax.models.mvdiffusion.attention import attention
+from kaojax.models.presets import preset
+from kaojax.nn.layers import conv, layer_norm, linear
+from kaojax.sharding import COND, EMBED, HEADS, MLP_HIDDEN
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -53,6 +56,23 @@ class CLIPVisionConfig:
     return (self.image_size // self.patch_size) ** 2 + 1
 
 
+PRESETS = {
+    "tiny": CLIPVisionConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64,
+                             patch_size=8, image_size=32, projection_dim=16),   # CPU tests
+    "facelift": CLIPVisionConfig(),   # OpenCLIP ViT-H/14 of SD2.1-unCLIP (released)
+}
+
+
+def clip_vision_config(name: str = "facelift", **overrides) -> CLIPVisionConfig:
+  """CLIP vision presets: 'tiny' (1 layer, 32 px; CPU tests) or 'facelift' (OpenCLIP
+  ViT-H/14 with a 1024-d projection). `overrides` replace CLIPVisionConfig fields."""
+  return preset("CLIP vision", PRESETS, name, overrides)
+
+
+def _layer_norm(cfg: CLIPVisionConfig, rngs, dtype):
+  return layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs, dtype, exact_variance=True)
+
+
 def _act(name):
   if name == "gelu":
     return lambda x: jax.nn.gelu(x, approximate=False)
@@ -65,10 +85,10 @@ class CLIPAttention(nnx.Module):
   def __init__(self, cfg: CLIPVisionConfig, rngs, dtype):
     d = cfg.hidden_size
     self.heads = cfg.heads
-    self.q_proj = nnx.Linear(d, d, dtype=dtype, rngs=rngs)
-    self.k_proj = nnx.Linear(d, d, dtype=dtype, rngs=rngs)
-    self.v_proj = nnx.Linear(d, d, dtype=dtype, rngs=rngs)
-    self.out_proj = nnx.Linear(d, d, dtype=dtype, rngs=rngs)
+    self.q_proj = linear(d, d, (EMBED, HEADS), rngs, dtype=dtype)
+    self.k_proj = linear(d, d, (EMBED, HEADS), rngs, dtype=dtype)
+    self.v_proj = linear(d, d, (EMBED, HEADS), rngs, dtype=dtype)
+    self.out_proj = linear(d, d, (HEADS, EMBED), rngs, dtype=dtype)
 
   def __call__(self, x):
     return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
@@ -76,12 +96,12 @@ class CLIPAttention(nnx.Module):
 
 class CLIPLayer(nnx.Module):
   def __init__(self, cfg: CLIPVisionConfig, rngs, dtype):
-    d, eps = cfg.hidden_size, cfg.layer_norm_eps
-    self.layer_norm1 = nnx.LayerNorm(d, epsilon=eps, use_fast_variance=False, dtype=dtype, rngs=rngs)
+    d = cfg.hidden_size
+    self.layer_norm1 = _layer_norm(cfg, rngs, dtype)
     self.self_attn = CLIPAttention(cfg, rngs, dtype)
-    self.layer_norm2 = nnx.LayerNorm(d, epsilon=eps, use_fast_variance=False, dtype=dtype, rngs=rngs)
-    self.fc1 = nnx.Linear(d, cfg.intermediate_size, dtype=dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(cfg.intermediate_size, d, dtype=dtype, rngs=rngs)
+    self.layer_norm2 = _layer_norm(cfg, rngs, dtype)
+    self.fc1 = linear(d, cfg.intermediate_size, (EMBED, MLP_HIDDEN), rngs, dtype=dtype)
+    self.fc2 = linear(cfg.intermediate_size, d, (MLP_HIDDEN, EMBED), rngs, dtype=dtype)
     self.act = _act(cfg.hidden_act)
 
   def __call__(self, x):
@@ -96,18 +116,18 @@ class CLIPVisionEncoder(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     d, p = cfg.hidden_size, cfg.patch_size
     _act(cfg.hidden_act)
-    self.patch_embedding = nnx.Conv(3, d, (p, p), strides=p, padding="VALID", use_bias=False,
-                                    dtype=dtype, rngs=rngs)
-    self.class_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d,)))
+    self.patch_embedding = conv(3, d, p, rngs, stride=p, padding=0, dtype=dtype,
+                                axes=(None, EMBED), use_bias=False)
+    self.class_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d,)),
+                                     out_sharding=(EMBED,), eager_sharding=False)
     self.position_embedding = nnx.Param(
-        0.02 * jax.random.normal(rngs.params(), (cfg.num_positions, d)))
-    ln = lambda: nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, use_fast_variance=False,
-                               dtype=dtype, rngs=rngs)
-    self.pre_layrnorm = ln()
+        0.02 * jax.random.normal(rngs.params(), (cfg.num_positions, d)),
+        out_sharding=(None, EMBED), eager_sharding=False)
+    self.pre_layrnorm = _layer_norm(cfg, rngs, dtype)
     self.layers = nnx.List([CLIPLayer(cfg, rngs, dtype) for _ in range(cfg.layers)])
-    self.post_layernorm = ln()
-    self.visual_projection = nnx.Linear(d, cfg.projection_dim, use_bias=False, dtype=dtype,
-                                        rngs=rngs)
+    self.post_layernorm = _layer_norm(cfg, rngs, dtype)
+    self.visual_projection = linear(d, cfg.projection_dim, (EMBED, COND), rngs,
+                                    use_bias=False, dtype=dtype)
 
   def __call__(self, pixels):
     """pixels [N, S, S, 3] CLIP-normalised -> image embeddings [N, projection_dim]."""

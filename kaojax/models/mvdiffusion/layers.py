@@ -1,7 +1,10 @@
 """Building blocks shared by the diffusion UNet and the VAE (diffusers semantics, NHWC).
 
 Names of attributes follow diffusers' parameter names (conv1, norm1, time_emb_proj,
-to_q, to_out[0], ...) so that `kaojax.convert.diffusers` maps keys one to one.
+to_q, to_out[0], ...) so that `kaojax.convert.diffusers` maps keys one to one. Layers
+come from `kaojax.nn.layers`; logical axis names: a block's input/output channels
+EMBED, a ResNet block's inner channels (after conv1) MLP_HIDDEN, the time embedding
+COND.
 """
 
 import math
@@ -11,25 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-def group_norm(channels: int, groups: int, eps: float, rngs: nnx.Rngs, dtype=None):
-  """GroupNorm over NHWC (or token) inputs; exact two-pass variance like torch."""
-  if channels % groups:
-    raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
-  return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, dtype=dtype,
-                       use_fast_variance=False, rngs=rngs)
-
-
-def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, dtype=None):
-  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
-
-
-def conv(c_in: int, c_out: int, kernel: int, rngs: nnx.Rngs, stride: int = 1,
-         padding: Optional[int] = None, dtype=None):
-  """Conv2d with torch-style symmetric zero padding (kernel // 2 by default)."""
-  pad = kernel // 2 if padding is None else padding
-  return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride,
-                  padding=((pad, pad), (pad, pad)), dtype=dtype, rngs=rngs)
+from kaojax.nn.layers import conv, group_norm, linear
+from kaojax.sharding import COND, EMBED, MLP_HIDDEN
 
 
 def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = True,
@@ -54,8 +40,8 @@ class TimestepEmbedding(nnx.Module):
   'projection' class embedding)."""
 
   def __init__(self, d_in: int, d_out: int, rngs: nnx.Rngs, dtype=None):
-    self.linear_1 = nnx.Linear(d_in, d_out, dtype=dtype, rngs=rngs)
-    self.linear_2 = nnx.Linear(d_out, d_out, dtype=dtype, rngs=rngs)
+    self.linear_1 = linear(d_in, d_out, (None, COND), rngs, dtype=dtype)
+    self.linear_2 = linear(d_out, d_out, (COND, None), rngs, dtype=dtype)
 
   def __call__(self, x):
     return self.linear_2(jax.nn.silu(self.linear_1(x)))
@@ -67,13 +53,14 @@ class ResnetBlock2D(nnx.Module):
 
   def __init__(self, c_in: int, c_out: int, temb_dim: Optional[int], groups: int, eps: float,
                rngs: nnx.Rngs, dtype=None):
-    self.norm1 = group_norm(c_in, groups, eps, rngs, dtype)
-    self.conv1 = conv(c_in, c_out, 3, rngs, dtype=dtype)
-    self.time_emb_proj = (nnx.Linear(temb_dim, c_out, dtype=dtype, rngs=rngs)
+    self.norm1 = group_norm(c_in, groups, eps, rngs, dtype, axis=EMBED)
+    self.conv1 = conv(c_in, c_out, 3, rngs, dtype=dtype, axes=(EMBED, MLP_HIDDEN))
+    self.time_emb_proj = (linear(temb_dim, c_out, (COND, MLP_HIDDEN), rngs, dtype=dtype)
                           if temb_dim else None)
-    self.norm2 = group_norm(c_out, groups, eps, rngs, dtype)
-    self.conv2 = conv(c_out, c_out, 3, rngs, dtype=dtype)
-    self.conv_shortcut = conv(c_in, c_out, 1, rngs, dtype=dtype) if c_in != c_out else None
+    self.norm2 = group_norm(c_out, groups, eps, rngs, dtype, axis=MLP_HIDDEN)
+    self.conv2 = conv(c_out, c_out, 3, rngs, dtype=dtype, axes=(MLP_HIDDEN, EMBED))
+    self.conv_shortcut = (conv(c_in, c_out, 1, rngs, dtype=dtype, axes=(EMBED, None))
+                          if c_in != c_out else None)
 
   def __call__(self, x, temb=None):
     h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -92,7 +79,8 @@ class Downsample2D(nnx.Module):
 
   def __init__(self, channels: int, padding: int, rngs: nnx.Rngs, dtype=None):
     self.padding = padding
-    self.conv = conv(channels, channels, 3, rngs, stride=2, padding=padding, dtype=dtype)
+    self.conv = conv(channels, channels, 3, rngs, stride=2, padding=padding, dtype=dtype,
+                     axes=(EMBED, None))
 
   def __call__(self, x):
     if self.padding == 0:
@@ -104,7 +92,7 @@ class Upsample2D(nnx.Module):
   """Nearest-neighbour x2 then a 3x3 conv."""
 
   def __init__(self, channels: int, rngs: nnx.Rngs, dtype=None):
-    self.conv = conv(channels, channels, 3, rngs, dtype=dtype)
+    self.conv = conv(channels, channels, 3, rngs, dtype=dtype, axes=(EMBED, None))
 
   def __call__(self, x):
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)

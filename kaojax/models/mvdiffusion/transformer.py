@@ -14,12 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kaojax.models.mvdiffusion.attention import Attention
-from kaojax.models.mvdiffusion.layers import group_norm, layer_norm
+from kaojax.nn.layers import group_norm, layer_norm, linear
+from kaojax.sharding import EMBED, MLP_HIDDEN
 
 
 class GEGLU(nnx.Module):
   def __init__(self, d_in: int, d_out: int, rngs: nnx.Rngs, dtype=None):
-    self.proj = nnx.Linear(d_in, 2 * d_out, dtype=dtype, rngs=rngs)
+    self.proj = linear(d_in, 2 * d_out, (EMBED, MLP_HIDDEN), rngs, dtype=dtype)
 
   def __call__(self, x):
     hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -30,7 +31,7 @@ class FeedForward(nnx.Module):
   def __init__(self, dim: int, rngs: nnx.Rngs, mult: int = 4, dtype=None):
     # net[1] is dropout in diffusers (no parameters); kept so indices match the keys.
     self.net = nnx.List([GEGLU(dim, mult * dim, rngs, dtype), nnx.Dropout(0.0),
-                         nnx.Linear(mult * dim, dim, dtype=dtype, rngs=rngs)])
+                         linear(mult * dim, dim, (MLP_HIDDEN, EMBED), rngs, dtype=dtype)])
 
   def __call__(self, x):
     return self.net[2](self.net[0](x))
@@ -39,12 +40,12 @@ class FeedForward(nnx.Module):
 class BasicTransformerBlock(nnx.Module):
   def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, rngs: nnx.Rngs,
                dtype=None, query_chunk: Optional[int] = None):
-    self.norm1 = layer_norm(dim, 1e-5, rngs, dtype)
+    self.norm1 = layer_norm(dim, 1e-5, rngs, dtype, exact_variance=True)
     self.attn1 = Attention(dim, heads, head_dim, rngs, dtype=dtype, query_chunk=query_chunk)
-    self.norm2 = layer_norm(dim, 1e-5, rngs, dtype)
+    self.norm2 = layer_norm(dim, 1e-5, rngs, dtype, exact_variance=True)
     self.attn2 = Attention(dim, heads, head_dim, rngs, context_dim=context_dim, dtype=dtype,
                            query_chunk=query_chunk)
-    self.norm3 = layer_norm(dim, 1e-5, rngs, dtype)
+    self.norm3 = layer_norm(dim, 1e-5, rngs, dtype, exact_variance=True)
     self.ff = FeedForward(dim, rngs, dtype=dtype)
 
   def __call__(self, x, context, num_views: Optional[int] = None):
@@ -59,12 +60,12 @@ class Transformer2D(nnx.Module):
     if channels % heads:
       raise ValueError(f"{channels} channels do not split into {heads} heads")
     head_dim = channels // heads
-    self.norm = group_norm(channels, groups, 1e-6, rngs, dtype)
-    self.proj_in = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
+    self.norm = group_norm(channels, groups, 1e-6, rngs, dtype, axis=EMBED)
+    self.proj_in = linear(channels, channels, (EMBED, None), rngs, dtype=dtype)
     self.transformer_blocks = nnx.List([
         BasicTransformerBlock(channels, heads, head_dim, context_dim, rngs, dtype, query_chunk)
         for _ in range(layers)])
-    self.proj_out = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
+    self.proj_out = linear(channels, channels, (None, EMBED), rngs, dtype=dtype)
 
   def __call__(self, x, context, num_views: Optional[int] = None):
     """x [N, H, W, C]; context [N, T, Cc] -> [N, H, W, C]."""

@@ -21,8 +21,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kaojax.models.mvdiffusion.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding,
-                                              Upsample2D, conv, group_norm, timestep_embedding)
+                                              Upsample2D, timestep_embedding)
 from kaojax.models.mvdiffusion.transformer import Transformer2D
+from kaojax.models.presets import preset
+from kaojax.nn.layers import conv, group_norm
+from kaojax.sharding import EMBED
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -113,6 +116,20 @@ class UNetConfig:
     kwargs.update(overrides)
     return cls(**kwargs)
 
+  def to_diffusers(self) -> dict:
+    """The diffusers UNet2DConditionModel constructor arguments of this network
+    (inverse of `from_diffusers`, up to `num_views` and the execution options)."""
+    return dict(
+        in_channels=self.in_channels, out_channels=self.out_channels,
+        block_out_channels=self.block_out_channels, down_block_types=self.down_block_types,
+        up_block_types=self.up_block_types, layers_per_block=self.layers_per_block,
+        attention_head_dim=self.heads, transformer_layers_per_block=self.transformer_layers,
+        cross_attention_dim=self.cross_attention_dim, norm_num_groups=self.norm_num_groups,
+        norm_eps=self.norm_eps, flip_sin_to_cos=self.flip_sin_to_cos,
+        freq_shift=self.freq_shift, class_embed_type=self.class_embed_type,
+        projection_class_embeddings_input_dim=self.projection_class_embeddings_input_dim,
+        use_linear_projection=True)
+
   def __post_init__(self):
     for t in self.down_block_types:
       if t not in _DOWN:
@@ -123,6 +140,27 @@ class UNetConfig:
     if self.class_embed_type == "projection" and not self.projection_class_embeddings_input_dim:
       raise ValueError("UNet config: class_embed_type 'projection' needs "
                        "projection_class_embeddings_input_dim")
+
+
+PRESETS = {
+    # FaceLift's structure at toy width (CPU tests): 8-channel input, projection class
+    # embedding, one cross-attention level.
+    "tiny": UNetConfig(block_out_channels=(32, 64),
+                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                       heads=(2, 4), transformer_layers=(1, 1), cross_attention_dim=24,
+                       norm_num_groups=8, projection_class_embeddings_input_dim=32),
+    # The released layout at a fifth of the width (benchmarks).
+    "small": UNetConfig(block_out_channels=(64, 128, 256, 256), heads=(1, 2, 4, 4)),
+    "facelift": UNetConfig(),       # SD2.1-unCLIP with 8 input channels (released)
+}
+
+
+def unet_config(name: str = "facelift", **overrides) -> UNetConfig:
+  """UNet presets: 'tiny' (random-weight CPU tests), 'small' (benchmarks) or 'facelift'
+  (the released SD2.1-unCLIP UNet with 8 input channels). `overrides` replace
+  UNetConfig fields (e.g. num_views, dtype)."""
+  return preset("UNet", PRESETS, name, overrides)
 
 
 class DownBlock(nnx.Module):
@@ -196,7 +234,7 @@ class UNet(nnx.Module):
     self.cfg = cfg
     dtype = jnp.dtype(cfg.dtype)
     boc, temb = cfg.block_out_channels, cfg.time_embed_dim
-    self.conv_in = conv(cfg.in_channels, boc[0], 3, rngs, dtype=dtype)
+    self.conv_in = conv(cfg.in_channels, boc[0], 3, rngs, dtype=dtype, axes=(None, EMBED))
     self.time_embedding = TimestepEmbedding(boc[0], temb, rngs, dtype)
     self.class_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb,
                                               rngs, dtype)
@@ -220,8 +258,9 @@ class UNet(nnx.Module):
       up.append(UpBlock(c_in, c_prev, c_out, temb, kind.startswith("CrossAttn"), rev_heads[i],
                         rev_layers[i], i < len(boc) - 1, cfg, rngs, dtype))
     self.up_blocks = nnx.List(up)
-    self.conv_norm_out = group_norm(boc[0], cfg.norm_num_groups, cfg.norm_eps, rngs, dtype)
-    self.conv_out = conv(boc[0], cfg.out_channels, 3, rngs, dtype=dtype)
+    self.conv_norm_out = group_norm(boc[0], cfg.norm_num_groups, cfg.norm_eps, rngs, dtype,
+                                    axis=EMBED)
+    self.conv_out = conv(boc[0], cfg.out_channels, 3, rngs, dtype=dtype, axes=(EMBED, None))
 
   def __call__(self, sample, timesteps, context, class_labels=None,
                num_views: Optional[int] = -1):

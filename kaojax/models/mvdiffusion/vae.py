@@ -18,8 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kaojax.models.mvdiffusion.attention import attention
-from kaojax.models.mvdiffusion.layers import (Downsample2D, ResnetBlock2D, Upsample2D, conv,
-                                              group_norm)
+from kaojax.models.mvdiffusion.layers import Downsample2D, ResnetBlock2D, Upsample2D
+from kaojax.models.presets import preset
+from kaojax.nn.layers import conv, group_norm, linear
+from kaojax.sharding import EMBED, HEADS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +59,26 @@ class VAEConfig:
     return cls(**kwargs)
 
 
+PRESETS = {
+    "tiny": VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
+    "facelift": VAEConfig(),        # the SD2.1 VAE (released)
+}
+
+
+def vae_config(name: str = "facelift", **overrides) -> VAEConfig:
+  """VAE presets: 'tiny' (2 levels, f = 2; CPU tests) or 'facelift' (SD2.1's VAE,
+  f = 8). `overrides` replace VAEConfig fields."""
+  return preset("VAE", PRESETS, name, overrides)
+
+
 class SpatialSelfAttention(nnx.Module):
   """x + to_out(attn(GroupNorm(x))) over the H*W pixels, one head, q/k/v with bias."""
 
   def __init__(self, channels: int, groups: int, rngs: nnx.Rngs, dtype=None):
-    self.group_norm = group_norm(channels, groups, 1e-6, rngs, dtype)
-    self.to_q = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
-    self.to_k = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
-    self.to_v = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
-    self.to_out = nnx.List([nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)])
+    self.group_norm = group_norm(channels, groups, 1e-6, rngs, dtype, axis=EMBED)
+    qkv = lambda: linear(channels, channels, (EMBED, HEADS), rngs, dtype=dtype)
+    self.to_q, self.to_k, self.to_v = qkv(), qkv(), qkv()
+    self.to_out = nnx.List([linear(channels, channels, (HEADS, EMBED), rngs, dtype=dtype)])
 
   def __call__(self, x):
     n, h, w, c = x.shape
@@ -121,13 +134,14 @@ class DecoderBlock(nnx.Module):
 class Encoder(nnx.Module):
   def __init__(self, cfg: VAEConfig, rngs, dtype):
     boc = cfg.block_out_channels
-    self.conv_in = conv(cfg.in_channels, boc[0], 3, rngs, dtype=dtype)
+    self.conv_in = conv(cfg.in_channels, boc[0], 3, rngs, dtype=dtype, axes=(None, EMBED))
     self.down_blocks = nnx.List([
         EncoderBlock(boc[max(i - 1, 0)], boc[i], i < len(boc) - 1, cfg, rngs, dtype)
         for i in range(len(boc))])
     self.mid_block = MidBlock(boc[-1], cfg, rngs, dtype)
-    self.conv_norm_out = group_norm(boc[-1], cfg.norm_num_groups, 1e-6, rngs, dtype)
-    self.conv_out = conv(boc[-1], 2 * cfg.latent_channels, 3, rngs, dtype=dtype)
+    self.conv_norm_out = group_norm(boc[-1], cfg.norm_num_groups, 1e-6, rngs, dtype, axis=EMBED)
+    self.conv_out = conv(boc[-1], 2 * cfg.latent_channels, 3, rngs, dtype=dtype,
+                         axes=(EMBED, None))
 
   def __call__(self, x):
     x = self.conv_in(x)
@@ -140,13 +154,13 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
   def __init__(self, cfg: VAEConfig, rngs, dtype):
     rev = cfg.block_out_channels[::-1]
-    self.conv_in = conv(cfg.latent_channels, rev[0], 3, rngs, dtype=dtype)
+    self.conv_in = conv(cfg.latent_channels, rev[0], 3, rngs, dtype=dtype, axes=(None, EMBED))
     self.mid_block = MidBlock(rev[0], cfg, rngs, dtype)
     self.up_blocks = nnx.List([
         DecoderBlock(rev[max(i - 1, 0)], rev[i], i < len(rev) - 1, cfg, rngs, dtype)
         for i in range(len(rev))])
-    self.conv_norm_out = group_norm(rev[-1], cfg.norm_num_groups, 1e-6, rngs, dtype)
-    self.conv_out = conv(rev[-1], cfg.out_channels, 3, rngs, dtype=dtype)
+    self.conv_norm_out = group_norm(rev[-1], cfg.norm_num_groups, 1e-6, rngs, dtype, axis=EMBED)
+    self.conv_out = conv(rev[-1], cfg.out_channels, 3, rngs, dtype=dtype, axes=(EMBED, None))
 
   def __call__(self, z):
     x = self.mid_block(self.conv_in(z))

@@ -18,6 +18,7 @@ from jax._src import custom_partitioning_sharding_rule as sdy
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
+from kaojax.render import tiles
 from kaojax.render.tiles import TileGrid
 
 # One primitive for every kernel: `target` names the FFI handler, `outputs`
@@ -75,13 +76,12 @@ def _call(target, outputs, grid: TileGrid, *args):
   return ffi_call_p.bind(*args, target=target, outputs=outputs, view_rank=args[0].ndim,
                          attrs=attrs)
 
-# (parameters per primitive, features per pixel) of each compositing kernel;
-# the layouts are documented in csrc/raster_math.h.
-KINDS = {"surfel": (18, 7), "gaussian": (10, 4)}
+# The primitive layout of each compositing kernel (kaojax.render.tiles).
+KINDS = {"surfel": tiles.SURFEL_LAYOUT, "gaussian": tiles.GAUSSIAN_LAYOUT}
 
 
 def _forward(kind, grid, capacity, prims, keys, rects):
-  num_p, num_f = KINDS[kind]
+  num_p, num_f = KINDS[kind].params, KINDS[kind].features
   if prims.shape[-1] != num_p:
     raise ValueError(f"kaojax.render.native: {kind} primitives must be [..., N, {num_p}], "
                      f"got {prims.shape}")

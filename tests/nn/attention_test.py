@@ -1,4 +1,4 @@
-"""kaojax.models.attention.dot_product_attention against a float64 NumPy softmax, in
+"""kaojax.nn.attention.dot_product_attention against a float64 NumPy softmax, in
 one block and in query blocks, forward and gradient; and the blocks' memory bound."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kaojax.models.attention import dot_product_attention
+from kaojax.nn.attention import dot_product_attention
 
 
 def _numpy_attention(q, k, v):

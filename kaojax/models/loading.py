@@ -1,4 +1,7 @@
-"""Converted models on disk: an Orbax checkpoint that training and inference load.
+"""kaojax's own model directories: what training, evaluation and inference load.
+
+`kaojax.convert` turns foreign checkpoints (PyTorch, safetensors, diffusers) into
+these directories once; everything at run time loads them here.
 
 Layout of a model directory written by `save_model`:
   kaojax_model.json   {"format": 1, "kind": "openlrm" | "kaolrm", "config": {...}}
@@ -13,6 +16,12 @@ Layout of a model directory written by `save_model`:
 random initialisation of weights about to be overwritten), restores the parameters
 and returns the model. Execution options that do not change the parameters
 (attention kernel, rematerialisation, compute dtype) can be changed at load time.
+
+The FaceLift networks (kinds "gslrm", "unet", "vae": `save_network` / `load_network`,
+written by `python -m kaojax.convert.gslrm` / `kaojax.convert.diffusers`) and the
+LPIPS-VGG network (kind "lpips-vgg": `save_lpips` / `load_lpips`, written by
+`python -m kaojax.convert.vgg`, its config the VGG block widths) use the same layout
+without flame.npz.
 """
 
 import dataclasses
@@ -30,6 +39,7 @@ META_FILE = "kaojax_model.json"
 PARAMS_DIR = "params"
 FLAME_FILE = "flame.npz"
 FORMAT = 1
+LPIPS_KIND = "lpips-vgg"
 
 
 def config_to_dict(cfg) -> dict:
@@ -56,6 +66,27 @@ def config_from_dict(cls, data: dict, source: str = "config"):
   return cls(**values)
 
 
+def _output_directory(directory: PathLike, overwrite: bool) -> pathlib.Path:
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and any(directory.iterdir()) and not overwrite:
+    raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True)")
+  return directory
+
+
+def write_directory(directory: PathLike, model, meta: dict,
+                    overwrite: bool = False) -> pathlib.Path:
+  """Parameters of `model` (Orbax) and `meta` (JSON) into `directory`."""
+  import orbax.checkpoint as ocp
+  directory = _output_directory(directory, overwrite)
+  directory.mkdir(parents=True, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                    force=overwrite)
+  checkpointer.wait_until_finished()
+  (directory / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=1))
+  return directory
+
+
 def _model_kind(model) -> str:
   from kaojax.models.kaolrm import KaoLRM
   from kaojax.models.lrm import OpenLRM
@@ -79,33 +110,26 @@ def _flame_arrays(flame) -> tuple:
 
 def save_model(directory: PathLike, model, overwrite: bool = False) -> pathlib.Path:
   """Write an OpenLRM or KaoLRM model (config, parameters, FLAME model) to `directory`."""
-  import orbax.checkpoint as ocp
-  directory = pathlib.Path(directory).absolute()
-  if directory.exists() and any(directory.iterdir()) and not overwrite:
-    raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True)")
+  directory = _output_directory(directory, overwrite)
   kind = _model_kind(model)
-  directory.mkdir(parents=True, exist_ok=True)
-  meta = {"format": FORMAT, "kind": kind, "config": config_to_dict(model.cfg)}
+  meta = {"kind": kind, "config": config_to_dict(model.cfg)}
   if kind == "kaolrm":
-    arrays, static = _flame_arrays(model.flame_model)
+    arrays, meta["flame_static"] = _flame_arrays(model.flame_model)
+  directory = write_directory(directory, model, meta, overwrite)
+  if kind == "kaolrm":
     np.savez(directory / FLAME_FILE, **arrays)
-    meta["flame_static"] = static
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / PARAMS_DIR, params, force=overwrite)
-  checkpointer.wait_until_finished()
-  (directory / META_FILE).write_text(json.dumps(meta, indent=1))
   return directory
 
 
-def read_meta(directory: PathLike) -> dict:
+def read_meta(directory: PathLike, kinds=("openlrm", "kaolrm")) -> dict:
+  """The JSON of a kaojax directory whose kind is one of `kinds`."""
   path = pathlib.Path(directory) / META_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{directory}: not a kaojax model directory (no {META_FILE})")
   meta = json.loads(path.read_text())
-  if meta.get("format") != FORMAT or meta.get("kind") not in ("openlrm", "kaolrm"):
+  if meta.get("format") != FORMAT or meta.get("kind") not in kinds:
     raise ValueError(f"{path}: unsupported format {meta.get('format')} / kind "
-                     f"{meta.get('kind')!r}")
+                     f"{meta.get('kind')!r} (expected {' or '.join(map(repr, kinds))})")
   return meta
 
 
@@ -141,7 +165,7 @@ def load_model(directory: PathLike, flame=None, efficient_attention: Optional[bo
   if unknown:
     raise TypeError(f"load_model: unknown options {unknown} (KaoLRM options: "
                     f"{KAOLRM_RUNTIME_FIELDS})")
-  from kaojax.models.kaolrm import FlameBuffer, KaoLRM, KaoLRMConfig
+  from kaojax.models.kaolrm import KaoLRM, KaoLRMConfig
   from kaojax.models.lrm import LRMConfig, OpenLRM, with_runtime_options
   directory = pathlib.Path(directory).absolute()
   meta = read_meta(directory)
@@ -152,8 +176,7 @@ def load_model(directory: PathLike, flame=None, efficient_attention: Optional[bo
         cfg.lrm, efficient_attention, remat, dtype, attention_chunk), **kaolrm_options)
     if flame is None:
       flame = load_flame_npz(directory, meta)
-    model = nnx.eval_shape(lambda: KaoLRM(cfg, flame, nnx.Rngs(0)))
-    model.flame = FlameBuffer(flame)
+    model = KaoLRM.abstract(cfg, flame)
   else:
     if kaolrm_options:
       raise TypeError(f"load_model: {sorted(kaolrm_options)} apply to KaoLRM, {directory} "
@@ -175,3 +198,57 @@ def restore_params(model, params_dir: PathLike):
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(model, state)
   return model
+
+
+def save_lpips(directory: PathLike, model, overwrite: bool = False) -> pathlib.Path:
+  """Write an LPIPS network (`kaojax.losses.perceptual.LPIPS`) to `directory`."""
+  return write_directory(directory, model, {"kind": LPIPS_KIND, "config": {
+      "widths": [list(b) for b in model.vgg.widths]}}, overwrite)
+
+
+def load_lpips(directory: PathLike):
+  """The LPIPS network of a directory written by `save_lpips` (python -m
+  kaojax.convert.vgg)."""
+  from kaojax.losses.perceptual import LPIPS
+  directory = pathlib.Path(directory).absolute()
+  if not (directory / META_FILE).is_file():
+    raise FileNotFoundError(f"{directory}: not a converted LPIPS directory (no {META_FILE}; "
+                            "write one with python -m kaojax.convert.vgg)")
+  meta = read_meta(directory, kinds=(LPIPS_KIND,))
+  widths = tuple(tuple(b) for b in meta["config"]["widths"])
+  model = nnx.eval_shape(lambda: LPIPS(nnx.Rngs(0), widths))
+  return restore_params(model, directory / PARAMS_DIR)
+
+
+def _networks() -> dict:
+  """kind -> (network class, its config dataclass): the FaceLift networks."""
+  from kaojax.models.gslrm import GSLRM, GSLRMConfig
+  from kaojax.models.mvdiffusion.unet import UNet, UNetConfig
+  from kaojax.models.mvdiffusion.vae import VAE, VAEConfig
+  return {"gslrm": (GSLRM, GSLRMConfig), "unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig)}
+
+
+def save_network(directory: PathLike, model, overwrite: bool = False) -> pathlib.Path:
+  """Write a GS-LRM, UNet or VAE (its config and parameters) to `directory`."""
+  kinds = [k for k, (cls, _) in _networks().items() if isinstance(model, cls)]
+  if not kinds:
+    raise TypeError(f"save_network: cannot save a {type(model).__name__} (GS-LRM, UNet or VAE)")
+  return write_directory(directory, model, {"kind": kinds[0],
+                                            "config": config_to_dict(model.cfg)}, overwrite)
+
+
+def load_network(directory: PathLike, kind: str, **config_overrides):
+  """The `kind` network ("gslrm", "unet" or "vae") of a directory written by
+  `save_network`; `config_overrides` replace config fields that do not change the
+  parameters (e.g. a UNet's num_views)."""
+  cls, config_cls = _networks()[kind]
+  directory = pathlib.Path(directory).absolute()
+  meta = read_meta(directory, kinds=(kind,))
+  cfg = config_from_dict(config_cls, meta["config"], str(directory / META_FILE))
+  cfg = dataclasses.replace(cfg, **config_overrides)
+  return restore_params(nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0))), directory / PARAMS_DIR)
+
+
+def is_model_directory(path: PathLike) -> bool:
+  """Whether `path` is a directory written by this module."""
+  return (pathlib.Path(path) / META_FILE).is_file()
