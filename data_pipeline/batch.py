@@ -78,8 +78,7 @@ def random_batch(batch_size: int, num_views: int, source_size: int, render_size:
   K = np.array([[focal * r, 0, r / 2], [0, focal * r, r / 2], [0, 0, 1]], np.float32)
   arrays = {
       "source": rng.uniform(size=(b, source_size, source_size, 3)).astype(np.float32),
-      "source_camera": np.broadcast_to(
-          np.asarray(geometry.default_openlrm_source_camera(), np.float32), (b, 16)),
+      "source_camera": np.broadcast_to(geometry.default_openlrm_source_camera(), (b, 16)),
       "target_rgb": rng.uniform(size=(b, v, r, r, 3)).astype(np.float32),
       "target_alpha": (rng.uniform(size=(b, v, r, r)) > 0.5).astype(np.float32),
       "viewmats": np.linalg.inv(c2w).astype(np.float32),

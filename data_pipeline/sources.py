@@ -15,11 +15,11 @@ import pathlib
 import grain
 import numpy as np
 from absl import flags, logging
-from PIL import Image
 
 from data_pipeline import layout
 from data_pipeline.batch import make_batch
-from kaojax.geometry.cameras import SOURCE_FOCAL
+from kaojax import images
+from kaojax.geometry.cameras import SOURCE_FOCAL, default_openlrm_source_camera
 
 # The canonical source camera in the FLAME world (Y up): at (0, 0, 2) looking down -Z
 # at the face, OpenCV axes; the same camera as OpenLRM's default source camera
@@ -41,8 +41,7 @@ class PipelineConfig:
 def source_camera_vector():
   """[16] the model's camera input: OpenLRM's default source camera (Z-up triplane
   world, at (0, -2, 0)), which is CANONICAL_C2W seen from the triplane world."""
-  return np.array([1, 0, 0, 0, 0, 0, -1, -2, 0, 1, 0, 0,
-                   SOURCE_FOCAL, SOURCE_FOCAL, 0.5, 0.5], np.float32)
+  return default_openlrm_source_camera(2.0, SOURCE_FOCAL)
 
 
 def world_to_canonical(source_c2w):
@@ -51,46 +50,28 @@ def world_to_canonical(source_c2w):
   return CANONICAL_C2W @ np.linalg.inv(source_c2w)
 
 
-@functools.lru_cache(maxsize=64)
-def _resize_weights(size_in: int, size_out: int) -> np.ndarray:
-  """[size_out, size_in]: PIL's antialiased bilinear resize along one axis, read off
-  by resizing the rows of an identity image (the height is kept, so row i becomes
-  the weights of input pixel i)."""
-  eye = Image.fromarray(np.eye(size_in, dtype=np.float32), "F")
-  return np.asarray(eye.resize((size_out, size_in), Image.BILINEAR)).T.copy()
-
-
-def resize(image, size: int):
-  """[..., H, W, C] float -> [..., size, size, C]: PIL's antialiased bilinear resize
-  of each channel, as one separable matrix product per axis."""
-  image = np.asarray(image, np.float32)
-  height, width = image.shape[-3:-1]
-  if height == size and width == size:
-    return image
-  lead, channels = image.shape[:-3], image.shape[-1]
-  # Rows, then columns (each output row a batch of [W, C] matrices): two matmuls,
-  # half the time of an einsum that searches its contraction order on every call.
-  tall = _resize_weights(height, size) @ image.reshape(lead + (height, width * channels))
-  return _resize_weights(width, size) @ tall.reshape(lead + (size, width, channels))
-
-
-def composite(rgba, background):
-  """[..., 4] -> [..., 3] over a constant background."""
-  return rgba[..., :3] * rgba[..., 3:] + np.asarray(background, np.float32) * (1 - rgba[..., 3:])
-
-
 def premultiply(rgba):
   """[..., 4] RGBA -> [..., 4] (rgb * alpha, alpha): the form that resizes exactly
-  like composites do (resizing is linear and keeps constants)."""
+  like composites do (resizing is linear and keeps constants), so a view resized
+  once serves every background."""
   return np.concatenate([rgba[..., :3] * rgba[..., 3:], rgba[..., 3:]], -1)
 
 
 def composite_premultiplied(premultiplied, background):
   """[..., 4] premultiplied RGBA -> ([..., 3] over a constant background, [...] alpha);
-  composite_premultiplied(resize(premultiply(x))) == resize(composite(x)), resize(alpha)."""
+  composite_premultiplied(resize(premultiply(x))) == resize(composite(x)), resize(alpha)
+  for any linear resize that keeps constants."""
   alpha = premultiplied[..., 3:]
   rgb = premultiplied[..., :3] + np.asarray(background, np.float32) * (1 - alpha)
   return rgb, alpha[..., 0]
+
+
+def render_targets(premultiplied, background):
+  """Resized premultiplied views [..., 4] -> (rgb [..., 3] on `background`, alpha [...]),
+  clamped to [0, 1]: the reference's targets (composite at the file's size, bicubic
+  resize, clamp), the resize done before compositing (exact: see `premultiply`)."""
+  rgb, alpha = composite_premultiplied(premultiplied, background)
+  return np.clip(rgb, 0.0, 1.0), np.clip(alpha, 0.0, 1.0)
 
 
 def scaled_intrinsics(K, width, height, size):
@@ -100,8 +81,9 @@ def scaled_intrinsics(K, width, height, size):
 
 
 class MultiviewReader:
-  """Reads multi-view subjects: each subject's metadata (checked), and each view as
-  premultiplied RGBA resized to a given size, with its camera.
+  """Reads multi-view subjects: each subject's metadata (checked), each view as
+  premultiplied RGBA resized to a given size with its camera (render targets), and
+  a view as the model's source image (`kaojax.images.prepare_source_image`).
   cache_views > 0 keeps that many resized views (and their subjects' metadata) in
   memory, so that a small dataset is decoded once; 0 reads the files every time."""
 
@@ -109,6 +91,7 @@ class MultiviewReader:
     if cache_views > 0:
       self.meta = functools.lru_cache(maxsize=cache_views)(self.meta)
       self.view = functools.lru_cache(maxsize=cache_views)(self.view)
+      self.source = functools.lru_cache(maxsize=cache_views)(self.source)
 
   def meta(self, subject_dir: pathlib.Path):
     """-> (number of views, K [3, 3], image size, landmarks [views, 68, 2])."""
@@ -121,15 +104,24 @@ class MultiviewReader:
       raise layout.DatasetError(f"{subject_dir}: images must be square, got {width}x{height}")
     return total, K, width, landmarks
 
-  def view(self, subject_dir: pathlib.Path, index: int, size: int):
-    """-> (premultiplied RGBA [size, size, 4], c2w [4, 4]) of view `index`."""
+  def _read(self, subject_dir: pathlib.Path, index: int):
     image_size = self.meta(subject_dir)[2]
     rgba, c2w = layout.read_multiview_view(subject_dir, index)
     if rgba.shape[:2] != (image_size, image_size):
       raise layout.DatasetError(f"{subject_dir}/rgba/{layout.view_name(index)}.png is "
                                 f"{rgba.shape[1]}x{rgba.shape[0]}, intrinsics say "
                                 f"{image_size}x{image_size}")
-    return resize(premultiply(rgba), size), c2w
+    return rgba, c2w
+
+  def view(self, subject_dir: pathlib.Path, index: int, size: int):
+    """-> (premultiplied RGBA [size, size, 4] (bicubic, not clamped), c2w [4, 4]) of
+    view `index`."""
+    rgba, c2w = self._read(subject_dir, index)
+    return images.resize_bicubic(premultiply(rgba), size), c2w
+
+  def source(self, subject_dir: pathlib.Path, index: int, size: int):
+    """-> the model's source image [size, size, 3] from view `index`."""
+    return images.prepare_source_image(self._read(subject_dir, index)[0], size)
 
 
 def load_multiview(subject_dir, rng: np.random.Generator, cfg: PipelineConfig,
@@ -143,15 +135,14 @@ def load_multiview(subject_dir, rng: np.random.Generator, cfg: PipelineConfig,
     raise layout.DatasetError(f"{subject_dir} has {total} views, need {cfg.num_views}")
   views = [int(v) for v in rng.choice(total, cfg.num_views, replace=False)]
   targets, c2w = zip(*(reader.view(subject_dir, v, cfg.render_size) for v in views))
-  source = reader.view(subject_dir, views[0], cfg.source_size)[0]
   background = np.full(3, rng.choice(BACKGROUNDS) if cfg.random_background else 1.0,
                        np.float32)
-  target_rgb, target_alpha = composite_premultiplied(np.stack(targets), background)
+  target_rgb, target_alpha = render_targets(np.stack(targets), background)
   c2w = np.stack(c2w)
   to_canonical = world_to_canonical(c2w[0])
   c2w = to_canonical @ c2w
   return {
-      "source": composite_premultiplied(source, 1.0)[0],
+      "source": reader.source(subject_dir, views[0], cfg.source_size),
       "source_camera": source_camera_vector(),
       "target_rgb": target_rgb,
       "target_alpha": target_alpha,
@@ -166,22 +157,26 @@ def load_multiview(subject_dir, rng: np.random.Generator, cfg: PipelineConfig,
 
 def load_monocular(root, uid: str, landmarks: dict, synth_focal: float,
                    cfg: PipelineConfig):
-  """One sample from a monocular dataset: the image is source and only target,
-  seen by the canonical camera with normalised focal `synth_focal`."""
+  """One sample from a monocular dataset: the image is source and only target (on
+  white), seen by the canonical camera with normalised focal `synth_focal`. The
+  target alpha is the image's own, as in the reference (its `mask/` files, the
+  reference's facial mask for the pixel and binding losses, are not read: the FLAME
+  facial mask stands in for them)."""
   root = pathlib.Path(root)
   rgba = layout.read_png(root / "rgba" / f"{uid}.png", 4)
-  mask = layout.read_png(root / "mask" / f"{uid}.png", 1)[..., 0]
   height, width = rgba.shape[:2]
   if uid not in landmarks:
     raise layout.DatasetError(f"{root}/lmks.npz has no landmarks for {uid!r}")
   size = cfg.render_size
   K = np.array([[synth_focal * size, 0, size / 2], [0, synth_focal * size, size / 2],
                 [0, 0, 1]], np.float32)
+  target_rgb, target_alpha = render_targets(
+      images.resize_bicubic(premultiply(rgba), size)[None], 1.0)
   return {
-      "source": resize(composite(rgba, 1.0), cfg.source_size),
+      "source": images.prepare_source_image(rgba, cfg.source_size),
       "source_camera": source_camera_vector(),
-      "target_rgb": resize(composite(rgba, 1.0), size)[None],
-      "target_alpha": resize(mask[..., None], size)[None, ..., 0],
+      "target_rgb": target_rgb,
+      "target_alpha": target_alpha,
       "viewmats": np.linalg.inv(CANONICAL_C2W)[None].astype(np.float32),
       "Ks": K[None],
       "landmarks": (np.asarray(landmarks[uid], np.float32)

@@ -180,9 +180,10 @@ SOURCE_FOCAL = 0.75
 
 def default_openlrm_source_camera(distance: float = 2.0, focal: float = SOURCE_FOCAL):
   """OpenLRM's canonical source camera [16]: at (0, -distance, 0) in the Z-up
-  triplane world looking at the origin, normalised focal `focal`, centre 0.5."""
-  return jnp.array([1, 0, 0, 0, 0, 0, -1, -distance, 0, 1, 0, 0,
-                    focal, focal, 0.5, 0.5], jnp.float32)
+  triplane world looking at the origin, normalised focal `focal`, centre 0.5
+  (a numpy array: data pipelines build it per sample)."""
+  return np.array([1, 0, 0, 0, 0, 0, -1, -distance, 0, 1, 0, 0,
+                   focal, focal, 0.5, 0.5], np.float32)
 
 
 # ----------------------------------------------------------------------------

@@ -1,14 +1,14 @@
-"""KaoLRM's optimiser: AdamW (betas 0.9/0.95, weight decay on weights only),
-global-norm clipping at 1.0, linear warm-up from 1e-10 then cosine decay to 0
-(optionally restarted at a given step, e.g. the stage switch)."""
+"""KaoLRM's optimiser: AdamW (betas 0.9/0.95, weight decay where OpenLRM's rule says:
+not on LayerNorm parameters nor biases), global-norm clipping at 1.0, linear warm-up
+from 1e-10 then cosine decay to 0 (optionally restarted at a given step, e.g. the
+stage switch)."""
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
-# Parameter leaves named like these are never weight-decayed (LayerNorm scales,
-# biases), whatever their rank.
-NO_DECAY_NAMES = ("bias", "scale", "norm")
+from kaojax.nn.params import is_frozen
 
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
@@ -29,18 +29,23 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
   return schedule
 
 
-def _path_names(path):
-  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))).lower()
-          for k in path]
-
-
 def weight_decay_mask(params):
-  """True for leaves that are weights (rank >= 2 and not a norm/bias/scale by name)."""
-  def decays(path, leaf):
-    names = _path_names(path)
-    named_out = any(n in name for name in names for n in NO_DECAY_NAMES)
-    return bool(jnp.ndim(leaf) >= 2 and not named_out)
-  return jax.tree_util.tree_map_with_path(decays, params)
+  """True where AdamW decays. params: a model, or an nnx.State of its parameters
+  (e.g. `nnx.state(model, nnx.Param)` or the trainable split), whose parameters carry
+  the tags of `kaojax.nn.params.mark_parameters`. -> the same tree of bools: True
+  for trainable parameters that the rule decays (not LayerNorm parameters, not
+  biases); False for the others and for frozen parameters (never updated)."""
+  if isinstance(params, nnx.Module):
+    params = nnx.state(params, nnx.Param)
+
+  def decays(variable):
+    if not isinstance(variable, nnx.Variable) or "weight_decay" not in variable.get_metadata():
+      raise ValueError("weight_decay_mask needs the parameters of a kaojax model, tagged by "
+                       "kaojax.nn.params.mark_parameters (got an untagged "
+                       f"{type(variable).__name__})")
+    return variable.replace(variable.get_metadata()["weight_decay"] and not is_frozen(variable))
+
+  return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def restarted_schedule(peak: float, warmup_steps: int, total_steps: int, restart_step: int,

@@ -5,11 +5,12 @@ import json
 import jax
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_pipeline import layout, sources
 from data_pipeline.batch import Batch
-from kaojax import geometry
+from kaojax import geometry, images
 
 CFG = sources.PipelineConfig(num_views=3, source_size=20, render_size=16)
 
@@ -176,23 +177,54 @@ def test_npy_reads_survive_cpythons_spurious_ast_error(tmp_path, monkeypatch):
     layout.read_npy(tmp_path / "a.npy")
 
 
-@pytest.mark.parametrize("shape,size", [((64, 64), 32), ((64, 64), 56), ((20, 20), 48),
-                                        ((30, 40), 16)])
-def test_resize_is_pils_antialiased_bilinear(shape, size):
-  image = np.random.default_rng(0).uniform(size=shape + (3,)).astype(np.float32)
-  pil = np.stack([np.asarray(Image.fromarray(image[..., c], "F").resize((size, size),
-                                                                        Image.BILINEAR))
-                  for c in range(3)], -1)
-  np.testing.assert_allclose(sources.resize(image, size), pil, atol=2e-6)
-  # leading axes are images
-  batch = np.stack([image, image[::-1]])
-  np.testing.assert_allclose(sources.resize(batch, size)[1], sources.resize(image[::-1], size),
-                             atol=1e-6)
+def _reference_views(rgba_u8, size, background):
+  """KaoLRM's reference datasets in torch: uint8 RGBA / 255 composited on `background`
+  at the file's size, bicubic interpolate (align_corners=True) to `size`, clamped;
+  alpha resized and clamped the same way. rgba_u8 [V, H, W, 4] -> ([V, s, s, 3], [V, s, s])."""
+  rgba = torch.from_numpy(rgba_u8).float().permute(0, 3, 1, 2) / 255.0
+  alpha = rgba[:, 3:]
+  rgb = rgba[:, :3] * alpha + background * (1 - alpha)
+  resize = lambda x: torch.clamp(torch.nn.functional.interpolate(
+      x, size=(size, size), mode="bicubic", align_corners=True), 0, 1)
+  return resize(rgb).permute(0, 2, 3, 1).numpy(), resize(alpha)[:, 0].numpy()
+
+
+def test_multiview_images_are_prepared_as_the_reference_does(multiview_root):
+  cfg = sources.PipelineConfig(num_views=3, source_size=24, render_size=20)
+  loader = sources.multiview_loader(multiview_root, "train", cfg)
+  seed = 11
+  sample = loader(2, np.random.default_rng(seed))
+  # The loader's draws: the views, then the background.
+  rng = np.random.default_rng(seed)
+  views = rng.choice(5, 3, replace=False)
+  background = float(rng.choice(sources.BACKGROUNDS))
+  files = sorted((multiview_root / "s2" / "rgba").glob("*.png"))
+  rgba_u8 = np.stack([np.array(Image.open(files[v])) for v in views])
+  rgb, alpha = _reference_views(rgba_u8, 20, background)
+  np.testing.assert_allclose(sample["target_rgb"], rgb, atol=2e-6)
+  np.testing.assert_allclose(sample["target_alpha"], alpha, atol=2e-6)
+  source, _ = _reference_views(rgba_u8[:1], 24, 1.0)
+  np.testing.assert_allclose(sample["source"], source[0], atol=2e-6)
+
+
+def test_monocular_images_are_prepared_as_the_reference_does(tmp_path):
+  rng = np.random.default_rng(3)
+  layout.write_monocular_sample(tmp_path, "a", rng.uniform(size=(40, 40, 4)),
+                                rng.uniform(size=(40, 40)) > 0.5)
+  layout.write_monocular_landmarks(tmp_path, {"a": np.full((68, 2), 12.0)})
+  sample = sources.monocular_loader(tmp_path, "train", 4.0, CFG)(0, np.random.default_rng(0))
+  rgba_u8 = np.array(Image.open(tmp_path / "rgba" / "a.png"))[None]
+  rgb, alpha = _reference_views(rgba_u8, CFG.render_size, 1.0)
+  np.testing.assert_allclose(sample["target_rgb"], rgb, atol=2e-6)
+  np.testing.assert_allclose(sample["target_alpha"], alpha, atol=2e-6)
+  source, _ = _reference_views(rgba_u8, CFG.source_size, 1.0)
+  np.testing.assert_allclose(sample["source"], source[0], atol=2e-6)
 
 
 def test_premultiplied_resize_is_resize_of_the_composite():
   rgba = np.random.default_rng(1).uniform(size=(2, 64, 64, 4)).astype(np.float32)
   rgb, alpha = sources.composite_premultiplied(
-      sources.resize(sources.premultiply(rgba), 24), 0.5)
-  np.testing.assert_allclose(rgb, sources.resize(sources.composite(rgba, 0.5), 24), atol=2e-6)
-  np.testing.assert_allclose(alpha, sources.resize(rgba[..., 3:], 24)[..., 0], atol=2e-6)
+      images.resize_bicubic(sources.premultiply(rgba), 24), 0.5)
+  np.testing.assert_allclose(rgb, images.resize_bicubic(images.composite(rgba, 0.5), 24),
+                             atol=2e-6)
+  np.testing.assert_allclose(alpha, images.resize_bicubic(rgba[..., 3:], 24)[..., 0], atol=2e-6)

@@ -6,8 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import optax
 import torch
+from flax import nnx
 
+from kaojax.nn.layers import layer_norm, linear
+from kaojax.nn.params import mark_parameters
 from kaojax.train.optimizer import (
     learning_rate_schedule, make_optimizer, restarted_schedule, weight_decay_mask)
 
@@ -48,31 +52,45 @@ def test_restarted_schedule_warms_up_again_at_the_restart():
     restarted_schedule(1e-3, 20, 1000, restart_step=1000, restart_peak=2e-4)
 
 
-def test_weight_decay_mask_spares_norms_and_biases():
-  params = {"block": {"attn": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))},
-                      "norm1": {"scale": jnp.ones((4,)), "bias": jnp.ones((4,))},
-                      "conv": {"kernel": jnp.ones((3, 3, 2, 4))}},
-            "layernorm_proj": {"kernel": jnp.ones((4, 4))}}
-  mask = weight_decay_mask(params)
-  assert mask["block"]["attn"] == {"kernel": True, "bias": False}
-  assert mask["block"]["norm1"] == {"scale": False, "bias": False}
-  assert mask["block"]["conv"]["kernel"] and not mask["layernorm_proj"]["kernel"]
+def test_weight_decay_mask_by_module_type():
+  """LayerNorm parameters and biases are spared whatever their names; other weights
+  decay whatever theirs (a module named "norm_proj" is a Linear); frozen ones never."""
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.norm_proj = linear(4, 4, (None, None), rngs)
+      self.ln = layer_norm(4, 1e-6, rngs, axis=None)
+      self.table = nnx.Param(jnp.ones((3,)))   # a plain parameter: decays
+      self.frozen_fc = linear(4, 4, (None, None), rngs)
+
+  net = mark_parameters(Net(nnx.Rngs(0)), frozen=[("frozen_fc",)])
+  mask = weight_decay_mask(net)
+  assert mask["norm_proj"]["kernel"].get_value() and not mask["norm_proj"]["bias"].get_value()
+  assert not mask["ln"]["scale"].get_value() and not mask["ln"]["bias"].get_value()
+  assert mask["table"].get_value()
+  assert not mask["frozen_fc"]["kernel"].get_value()
 
 
 def test_matches_torch_adamw_with_clipping_and_schedule():
   rng = np.random.default_rng(0)
+  dense = mark_parameters(linear(5, 3, (None, None), nnx.Rngs(0)))
   params = {"dense": {"kernel": rng.normal(size=(5, 3)).astype(np.float32),
                       "bias": rng.normal(size=(3,)).astype(np.float32)}}
+  state = nnx.state(dense, nnx.Param)
+  nnx.replace_by_pure_dict(state, params["dense"])
   grads = [{"dense": {"kernel": rng.normal(size=(5, 3)).astype(np.float32) * s,
                       "bias": rng.normal(size=(3,)).astype(np.float32) * s}}
            for s in (0.1, 3.0, 0.5, 2.0, 0.05, 1.0)]  # some steps get clipped
   peak, warmup, total = 1e-2, 2, 6
   tx = make_optimizer(peak, warmup, total)
-  state = tx.init(params)
-  ours = jax.tree.map(jnp.asarray, params)
+  opt_state = tx.init(state)
+  ours = state
   for g in grads:
-    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, ours)
-    ours = jax.tree.map(lambda p, u: p + u, ours, updates)
+    grad = jax.tree.map(jnp.zeros_like, ours)
+    nnx.replace_by_pure_dict(grad, g["dense"])
+    updates, opt_state = tx.update(grad, opt_state, ours)
+    ours = optax.apply_updates(ours, updates)
+  ours = {"dense": nnx.to_pure_dict(ours)}
 
   w = torch.tensor(params["dense"]["kernel"], requires_grad=True)
   b = torch.tensor(params["dense"]["bias"], requires_grad=True)
