@@ -41,16 +41,26 @@ def write_png(path, image):
   Image.fromarray(image).save(path)
 
 
+# Largest image read_png decodes (8192 x 8192); a corrupt header can claim far more.
+MAX_IMAGE_PIXELS = 1 << 26
+
+
 def read_png(path, channels: int = 4):
   """PNG -> float32 [H, W, channels] in [0, 1] (alpha 1 if the file has none)."""
   path = pathlib.Path(path)
+  mode = {4: "RGBA", 3: "RGB", 1: "L"}[channels]
   if not path.is_file():
     raise DatasetError(f"missing image {path}")
   try:
     with Image.open(path) as image:
-      mode = {4: "RGBA", 3: "RGB", 1: "L"}[channels]
+      if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise DatasetError(f"image {path} is {image.width} x {image.height} pixels, more "
+                           f"than the {MAX_IMAGE_PIXELS} read_png accepts")
       array = np.asarray(image.convert(mode), np.float32) / 255.0
-  except (OSError, SyntaxError, ValueError) as err:
+  except DatasetError:
+    raise
+  except (OSError, SyntaxError, ValueError, EOFError, MemoryError,
+          Image.DecompressionBombError) as err:  # PIL's errors for corrupt files
     raise DatasetError(f"unreadable image {path}: {err}") from err
   return array.reshape(array.shape[:2] + (channels,))
 

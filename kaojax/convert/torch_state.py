@@ -1,8 +1,8 @@
 """Shared helpers for converting PyTorch checkpoints into flax.nnx models.
 
 Reading: `read_state_dict` loads `*.safetensors` or `pytorch_model.bin` files into a
-flat `{name: np.ndarray}` dict (no torch tensors leak out); `read_json` reads an
-optional `config.json`.
+flat `{name: np.ndarray}` dict (no torch tensors leak out; a file it cannot read
+raises a `CheckpointError` naming it); `read_json` reads an optional `config.json`.
 
 Converting: a converter builds a `StateMapping` - it `take`s torch keys one by one,
 turns them into arrays laid out for flax (helpers `linear_kernel` for [out, in] ->

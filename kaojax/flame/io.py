@@ -42,13 +42,67 @@ def _require(data: Mapping, keys, source):
     raise FlameAssetError(f"{source}: missing {missing} (has {sorted(data)})")
 
 
-def _expect_shape(source, key, arr, shape):
-  arr = np.asarray(arr)
-  ok = arr.ndim == len(shape) and all(s is None or s == t for s, t in zip(shape, arr.shape))
+def _expect_shape(source, key, arr, shape=None):
+  """`arr` as a numeric numpy array of `shape` (None entries: any size; shape None: any
+  shape) holding no NaN or infinity."""
+  try:
+    arr = np.asarray(arr)
+  except (ValueError, TypeError) as e:
+    raise FlameAssetError(f"{source}: '{key}' is not an array ({e})") from e
+  ok = shape is None or (arr.ndim == len(shape)
+                         and all(s is None or s == t for s, t in zip(shape, arr.shape)))
   if not ok:
     want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
     raise FlameAssetError(f"{source}: '{key}' has shape {list(arr.shape)}, expected {want}")
+  if arr.dtype.kind not in "biuf":
+    raise FlameAssetError(f"{source}: '{key}' has dtype {arr.dtype}, expected numbers")
+  if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+    raise FlameAssetError(f"{source}: '{key}' contains NaN or infinite values")
   return arr
+
+
+def _expect_index(source, key, arr, upper, shape=None):
+  """`arr` (see `_expect_shape`) as int64 indices in [0, upper)."""
+  arr = _expect_shape(source, key, arr, shape)
+  if arr.size and (arr.min() < 0 or arr.max() >= upper or np.any(arr != np.floor(arr))):
+    raise FlameAssetError(f"{source}: '{key}' holds values that are not indices in "
+                          f"[0, {upper})")
+  return arr.astype(np.int64)
+
+
+# The normalised model arrays and their shapes ('V': the number of vertices).
+_MODEL_SHAPES = {
+    "v_template": (None, 3), "shapedirs": ("V", 3, None), "exprdirs": ("V", 3, None),
+    "posedirs": ("V", 3, 36), "j_regressor": (5, "V"), "weights": ("V", 5),
+    "faces": (None, 3), "parents": (5,)}
+_OFFICIAL_NAMES = {"j_regressor": "J_regressor", "faces": "f", "parents": "kintree_table"}
+_KAOLRM_NAMES = {"v_template": "v_template", "shapedirs": "shapedirs", "exprdirs": "shapedirs",
+                 "posedirs": "posedirs", "j_regressor": "J_regressor", "weights": "lbs_weights",
+                 "faces": "faces_tensor", "parents": "parents"}
+
+
+def check_model_arrays(arrays: Mapping, source: str, names: Optional[Mapping] = None) -> dict:
+  """Checks the normalised model arrays (and `face_mask`, if present) of `arrays`:
+  shapes, finite numbers, face indices within the vertices, a kinematic tree. `names`
+  maps normalised keys to the file's own key names for messages. Returns those arrays
+  (faces and parents as int64, face_mask as bool)."""
+  name = lambda k: (names or {}).get(k, k)
+  _require(arrays, list(_MODEL_SHAPES), source)
+  n_v = len(_expect_shape(source, name("v_template"), arrays["v_template"], (None, 3)))
+  out = {key: _expect_shape(source, name(key), arrays[key],
+                            tuple(n_v if s == "V" else s for s in shape))
+         for key, shape in _MODEL_SHAPES.items()}
+  out["faces"] = _expect_index(source, name("faces"), out["faces"], n_v)
+  parents = out["parents"].astype(np.int64)
+  if (not np.array_equal(parents, out["parents"]) or parents[0] != -1
+      or any(not 0 <= p < i for i, p in enumerate(parents[1:], 1))):
+    raise FlameAssetError(f"{source}: '{name('parents')}' is not a kinematic tree "
+                          f"(got parents {parents.tolist()})")
+  out["parents"] = parents
+  if "face_mask" in arrays:
+    out["face_mask"] = _expect_shape(source, name("face_mask"), arrays["face_mask"],
+                                     (len(out["faces"]),)).astype(bool)
+  return out
 
 
 def _parents_from_kintree(kintree):
@@ -62,23 +116,24 @@ def model_arrays_from_official(data: Mapping, source: str) -> dict:
   weights, kintree_table) -> normalised model arrays."""
   _require(data, ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "weights",
                   "kintree_table"), source)
-  v = _expect_shape(source, "v_template", data["v_template"], (None, 3))
-  n_v = v.shape[0]
-  sd = _expect_shape(source, "shapedirs", data["shapedirs"], (n_v, 3, None))
+  sd = _expect_shape(source, "shapedirs", data["shapedirs"], (None, 3, None))
   if sd.shape[-1] <= OFFICIAL_SHAPE_COMPONENTS:
     raise FlameAssetError(f"{source}: 'shapedirs' has {sd.shape[-1]} components; official "
                           f"FLAME files have {OFFICIAL_SHAPE_COMPONENTS} identity + expression")
-  return {
-      "v_template": v,
+  return check_model_arrays({
+      "v_template": data["v_template"],
       "shapedirs": sd[..., :OFFICIAL_SHAPE_COMPONENTS],
       "exprdirs": sd[..., OFFICIAL_SHAPE_COMPONENTS:],
-      "posedirs": _expect_shape(source, "posedirs", data["posedirs"], (n_v, 3, 36)),
-      "j_regressor": _expect_shape(source, "J_regressor", data["J_regressor"], (5, n_v)),
-      "weights": _expect_shape(source, "weights", data["weights"], (n_v, 5)),
-      "faces": _expect_shape(source, "f", data["f"], (None, 3)).astype(np.int64),
+      "posedirs": data["posedirs"], "j_regressor": data["J_regressor"],
+      "weights": data["weights"], "faces": data["f"],
       "parents": _parents_from_kintree(_expect_shape(source, "kintree_table",
                                                      data["kintree_table"], (2, 5))),
-  }
+  }, source, _OFFICIAL_NAMES)
+
+
+_LANDMARK_SHAPES = {"static_lmk_faces": (51,), "static_lmk_bary": (51, 3),
+                    "dynamic_lmk_faces": (79, 17), "dynamic_lmk_bary": (79, 17, 3),
+                    "full_lmk_faces": (68,), "full_lmk_bary": (68, 3)}
 
 
 def landmark_arrays(data: Mapping, source: str) -> dict:
@@ -89,31 +144,28 @@ def landmark_arrays(data: Mapping, source: str) -> dict:
   names. `full_*` is optional: without it the 'full' 68 are the yaw-0 contour plus
   the static 51 (an approximation, logged)."""
   if "static_lmk_faces_idx" in data:
-    out = {"static_lmk_faces": data["static_lmk_faces_idx"],
-           "static_lmk_bary": data["static_lmk_bary_coords"]}
-    if "dynamic_lmk_faces_idx" in data:
-      out["dynamic_lmk_faces"] = data["dynamic_lmk_faces_idx"]
-      out["dynamic_lmk_bary"] = data["dynamic_lmk_bary_coords"]
-    if "full_lmk_faces_idx" in data:
-      out["full_lmk_faces"] = np.reshape(data["full_lmk_faces_idx"], (-1,))
-      out["full_lmk_bary"] = np.reshape(data["full_lmk_bary_coords"], (-1, 3))
+    names = {"static_lmk_faces": "static_lmk_faces_idx",
+             "static_lmk_bary": "static_lmk_bary_coords",
+             "dynamic_lmk_faces": "dynamic_lmk_faces_idx",
+             "dynamic_lmk_bary": "dynamic_lmk_bary_coords",
+             "full_lmk_faces": "full_lmk_faces_idx", "full_lmk_bary": "full_lmk_bary_coords"}
   elif "lmk_face_idx" in data:
-    out = {"static_lmk_faces": data["lmk_face_idx"], "static_lmk_bary": data["lmk_b_coords"]}
+    names = {"static_lmk_faces": "lmk_face_idx", "static_lmk_bary": "lmk_b_coords"}
   elif "static_lmk_faces" in data:
-    out = {k: data[k] for k in ("static_lmk_faces", "static_lmk_bary", "dynamic_lmk_faces",
-                                "dynamic_lmk_bary", "full_lmk_faces", "full_lmk_bary")
-           if k in data}
+    names = {k: k for k in ("static_lmk_faces", "static_lmk_bary", "dynamic_lmk_faces",
+                            "dynamic_lmk_bary", "full_lmk_faces", "full_lmk_bary")}
   else:
     raise FlameAssetError(f"{source}: not a FLAME landmark embedding (keys {sorted(data)})")
-  out = {k: np.asarray(v) for k, v in out.items()}
-  _expect_shape(source, "static landmark faces", out["static_lmk_faces"], (51,))
-  _expect_shape(source, "static landmark barycentrics", out["static_lmk_bary"], (51, 3))
-  if "dynamic_lmk_faces" in out:
-    _expect_shape(source, "dynamic landmark faces", out["dynamic_lmk_faces"], (79, 17))
-    _expect_shape(source, "dynamic landmark barycentrics", out["dynamic_lmk_bary"], (79, 17, 3))
-  if "full_lmk_faces" in out:
-    _expect_shape(source, "full landmark faces", out["full_lmk_faces"], (68,))
-    _expect_shape(source, "full landmark barycentrics", out["full_lmk_bary"], (68, 3))
+  # Each set is optional but complete: faces and barycentrics together.
+  names = {k: n for k, n in names.items() if k.startswith("static")
+           or names[k.replace("_bary", "_faces")] in data}
+  _require(data, list(names.values()), source)
+  out = {}
+  for key, name in names.items():
+    arr = _expect_shape(source, name, data[name])
+    if key.startswith("full") and arr.ndim > 1 and arr.shape[0] == 1:
+      arr = arr[0]  # DECA stores the full set as [1, 68] and [1, 68, 3]
+    out[key] = _expect_shape(source, name, arr, _LANDMARK_SHAPES[key])
   return out
 
 
@@ -129,7 +181,7 @@ def read_landmark_embedding(path: PathLike) -> dict:
       raise FlameAssetError(f"{path}: has no dynamic contour embedding and {dyn_path} "
                             "does not exist")
     dyn = assets.load_npy(dyn_path)
-    if not isinstance(dyn, dict) or "lmk_face_idx" not in dyn:
+    if not isinstance(dyn, dict) or "lmk_face_idx" not in dyn or "lmk_b_coords" not in dyn:
       raise FlameAssetError(f"{dyn_path}: expected a dict with 'lmk_face_idx', 'lmk_b_coords'")
     out["dynamic_lmk_faces"] = _expect_shape(dyn_path, "lmk_face_idx", dyn["lmk_face_idx"], (79, 17))
     out["dynamic_lmk_bary"] = _expect_shape(dyn_path, "lmk_b_coords", dyn["lmk_b_coords"],
@@ -140,22 +192,21 @@ def read_landmark_embedding(path: PathLike) -> dict:
 def read_masks(path: PathLike) -> dict:
   """FLAME_masks.pkl/.npz -> {region name: vertex indices}."""
   data = assets.load_any(path)
-  return {k: np.asarray(v).astype(np.int64).reshape(-1) for k, v in data.items()}
+  return {k: _expect_index(path, k, v, assets.MAX_ELEMENTS).reshape(-1) for k, v in data.items()}
 
 
-def facial_region_face_mask(faces, masks: Mapping, num_vertices: int):
+def facial_region_face_mask(faces, masks: Mapping, num_vertices: int,
+                            source: str = "FLAME masks"):
   """KaoLRM's facial mask over faces [F, 3]: faces whose three vertices all lie in
   right_ear | left_ear | face | left_eyeball | right_eyeball | nose, and none in the
-  forehead. Returns [F] bool."""
+  forehead. Returns [F] bool. `source` names the masks in errors."""
   missing = [k for k in FACIAL_REGIONS + FACIAL_EXCLUDED if k not in masks]
   if missing:
-    raise FlameAssetError(f"FLAME masks lack regions {missing}")
+    raise FlameAssetError(f"{source}: FLAME masks lack regions {missing}")
   keep = np.zeros(num_vertices, bool)
-  for name in FACIAL_REGIONS:
-    keep[masks[name]] = True
-  for name in FACIAL_EXCLUDED:
-    keep[masks[name]] = False
-  return keep[np.asarray(faces)].all(-1)
+  for name in FACIAL_REGIONS + FACIAL_EXCLUDED:
+    keep[_expect_index(source, name, masks[name], num_vertices)] = name in FACIAL_REGIONS
+  return keep[_expect_index(source, "faces", faces, num_vertices, (None, 3))].all(-1)
 
 
 def _finish_landmarks(arrays: dict, source: str) -> dict:
@@ -167,11 +218,8 @@ def _finish_landmarks(arrays: dict, source: str) -> dict:
                                                arrays["static_lmk_faces"]])
     arrays["full_lmk_bary"] = np.concatenate([arrays["dynamic_lmk_bary"][0],
                                               arrays["static_lmk_bary"]])
-  n_faces = len(arrays["faces"])
   for key in ("static_lmk_faces", "dynamic_lmk_faces", "full_lmk_faces"):
-    idx = np.asarray(arrays[key])
-    if idx.min() < 0 or idx.max() >= n_faces:
-      raise FlameAssetError(f"{source}: landmark '{key}' indexes faces outside [0, {n_faces})")
+    arrays[key] = _expect_index(source, key, arrays[key], len(arrays["faces"]))
   return arrays
 
 
@@ -188,25 +236,22 @@ def kaolrm_state_arrays(state: Mapping[str, np.ndarray], n_shape_stored: int = 1
   (model and landmarks). KaoLRM stores shapedirs [V,3,n_shape + n_expr] (100 + 50)
   and posedirs as [36, V*3]."""
   p = "flame_model."
-  keys = ("v_template", "shapedirs", "posedirs", "J_regressor", "lbs_weights", "faces_tensor",
-          "parents", "lmk_faces_idx", "lmk_bary_coords", "dynamic_lmk_faces_idx",
-          "dynamic_lmk_bary_coords", "full_lmk_faces_idx", "full_lmk_bary_coords")
-  _require(state, [p + k for k in keys], source)
-  g = lambda k: np.asarray(state[p + k])
-  v = _expect_shape(source, p + "v_template", g("v_template"), (None, 3))
-  n_v = len(v)
+  keys = set(_KAOLRM_NAMES.values()) | {
+      "lmk_faces_idx", "lmk_bary_coords", "dynamic_lmk_faces_idx", "dynamic_lmk_bary_coords",
+      "full_lmk_faces_idx", "full_lmk_bary_coords"}
+  _require(state, sorted(p + k for k in keys), source)
+  g = lambda k: state[p + k]
+  n_v = len(_expect_shape(source, p + "v_template", g("v_template"), (None, 3)))
   sd = _expect_shape(source, p + "shapedirs", g("shapedirs"), (n_v, 3, None))
   posedirs = _expect_shape(source, p + "posedirs", g("posedirs"), (36, n_v * 3))
-  arrays = {
-      "v_template": v,
+  arrays = check_model_arrays({
+      "v_template": g("v_template"),
       "shapedirs": sd[..., :n_shape_stored],
       "exprdirs": sd[..., n_shape_stored:],
       "posedirs": posedirs.T.reshape(n_v, 3, 36),
-      "j_regressor": _expect_shape(source, p + "J_regressor", g("J_regressor"), (5, n_v)),
-      "weights": _expect_shape(source, p + "lbs_weights", g("lbs_weights"), (n_v, 5)),
-      "faces": _expect_shape(source, p + "faces_tensor", g("faces_tensor"), (None, 3)),
-      "parents": _expect_shape(source, p + "parents", g("parents"), (5,)),
-  }
+      "j_regressor": g("J_regressor"), "weights": g("lbs_weights"),
+      "faces": g("faces_tensor"), "parents": g("parents"),
+  }, source, {k: p + n for k, n in _KAOLRM_NAMES.items()})
   arrays.update(landmark_arrays({
       "static_lmk_faces_idx": g("lmk_faces_idx"), "static_lmk_bary_coords": g("lmk_bary_coords"),
       "dynamic_lmk_faces_idx": g("dynamic_lmk_faces_idx"),
@@ -223,7 +268,7 @@ def load_flame_from_kaolrm_state(state: Mapping[str, np.ndarray], n_shape: int =
   arrays = _finish_landmarks(kaolrm_state_arrays(state), "KaoLRM checkpoint")
   if masks is not None:
     arrays["face_mask"] = facial_region_face_mask(arrays["faces"], read_masks(masks),
-                                                  len(arrays["v_template"]))
+                                                  len(arrays["v_template"]), str(masks))
   return build_flame_model(arrays, n_shape, n_expr, yaw_sign, "KaoLRM checkpoint")
 
 
@@ -247,14 +292,15 @@ def read_flame_arrays(path: PathLike, landmarks: Optional[PathLike] = None,
   data = assets.load_any(model_path)
   if any(k.startswith("flame_model.") for k in data):
     arrays = kaolrm_state_arrays(data, source=str(model_path))
-  elif "v_template" in data and "f" in data:
-    arrays = model_arrays_from_official(data, str(model_path))
+  else:
+    if "v_template" in data and "f" in data:
+      arrays = model_arrays_from_official(data, str(model_path))
+    elif "exprdirs" in data:  # an npz written by `save_flame_npz`
+      arrays = check_model_arrays(data, str(model_path))
+    else:
+      raise FlameAssetError(f"{model_path}: not a FLAME model (keys {sorted(data)})")
     if "static_lmk_faces" in data or "static_lmk_faces_idx" in data:
       arrays.update(landmark_arrays(data, str(model_path)))
-  elif "exprdirs" in data:  # an npz written by `save_flame_npz`
-    arrays = dict(data)
-  else:
-    raise FlameAssetError(f"{model_path}: not a FLAME model (keys {sorted(data)})")
 
   if "static_lmk_faces" not in arrays:
     lmk_path = pathlib.Path(landmarks) if landmarks else _find(folder, LANDMARK_FILE_NAMES)
@@ -270,7 +316,7 @@ def read_flame_arrays(path: PathLike, landmarks: Optional[PathLike] = None,
   mask_path = pathlib.Path(masks) if masks else _find(folder, MASK_FILE_NAMES)
   if mask_path is not None:
     arrays["face_mask"] = facial_region_face_mask(arrays["faces"], read_masks(mask_path),
-                                                  len(arrays["v_template"]))
+                                                  len(arrays["v_template"]), str(mask_path))
   return arrays
 
 

@@ -1,5 +1,6 @@
 """The FLAME layer: a pytree of model arrays that is called like a function."""
 
+import logging
 
 import flax.struct
 import jax
@@ -9,8 +10,12 @@ import numpy as np
 from kaojax.flame import landmarks as lmk
 from kaojax.flame.lbs import lbs
 
+log = logging.getLogger(__name__)
+
 # Kinematic tree of FLAME: root (global), neck, jaw, left eye, right eye.
 FLAME_PARENTS = (-1, 0, 1, 1, 1)
+# Sources already warned about having no region masks (the warning is given once each).
+_WARNED_NO_MASK = set()
 
 
 @flax.struct.dataclass
@@ -82,13 +87,17 @@ class FlameModel:
     _check_width("shape", shape, self.n_shape)
     _check_width("expression", expression, self.n_expr)
     _check_width("pose", pose, 6)
+    for name, arr, width in (("neck_pose", neck_pose, 3), ("eye_pose", eye_pose, 6)):
+      if arr is not None:
+        _check_width(name, jnp.asarray(arr), width)
     lead = shape.shape[:-1]
     for name, arr in (("expression", expression), ("pose", pose)):
       if arr.shape[:-1] != lead:
         raise ValueError(f"FLAME: '{name}' has batch shape {arr.shape[:-1]} but 'shape' "
                          f"has {lead}")
     for name, arr in (("shape", shape), ("expression", expression), ("pose", pose),
-                      ("scale", scale), ("translation", translation)):
+                      ("scale", scale), ("translation", translation),
+                      ("neck_pose", neck_pose), ("eye_pose", eye_pose)):
       _check_finite(name, arr)
 
     dtype = shape.dtype if jnp.issubdtype(shape.dtype, jnp.floating) else jnp.float32
@@ -160,7 +169,13 @@ def build_flame_model(arrays: dict, n_shape: int = 100, n_expr: int = 50,
   i32 = lambda x: jnp.asarray(np.asarray(x, np.int64).astype(np.int32))
   faces = np.asarray(a["faces"])
   mask = a.get("face_mask")
-  mask = np.ones(len(faces), bool) if mask is None else np.asarray(mask, bool)
+  if mask is None:
+    if source not in _WARNED_NO_MASK:
+      _WARNED_NO_MASK.add(source)
+      log.warning("%s: no FLAME region masks (FLAME_masks.pkl) given; the facial mask "
+                  "covers every face", source)
+    mask = np.ones(len(faces), bool)
+  mask = np.asarray(mask, bool)
   return FlameModel(
       v_template=f32(a["v_template"]),
       shapedirs=f32(a["shapedirs"][..., :n_shape]),
