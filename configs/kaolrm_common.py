@@ -56,8 +56,8 @@ def base_config():
   # Rasterizers: "auto" (native C++/CUDA kernels where built, else pure JAX),
   # "native" (fail if not built) or "reference" (pure JAX).
   config.render.backend = "auto"
-  # Primitives kept per 16-px screen tile; the metric `render_overflow` counts what
-  # was dropped. None: the renderers' default.
+  # Primitives kept per 16-px screen tile; the metrics `surfel_overflow` and
+  # `mesh_overflow` count what each renderer dropped. None: the renderers' default.
   config.render.surfel_tile_capacity = ml_collections.FieldReference(None, field_type=int)
   config.render.mesh_tile_capacity = ml_collections.FieldReference(None, field_type=int)
   # The mesh rasterizer's tile side in pixels (None: its default, 16).
@@ -106,6 +106,9 @@ def base_config():
   config.distributed.num_processes = -1
   config.distributed.process_id = -1
 
+  # Steps with a non-finite loss or gradients are skipped (counted in metrics.jsonl:
+  # nonfinite_steps); this many in a row stop the run (checked at every log step).
+  config.max_nonfinite_streak = 20
   config.log_every = 50
   config.eval_every = 2000
   config.checkpoint_every = 2000

@@ -132,8 +132,20 @@ def write_multiview_subject(root, uid: str, c2w, rgba, K, landmarks, gt=None):
 
 
 def num_views(subject_dir) -> int:
+  """The subject's view count: one camera pose file per view."""
   subject_dir = pathlib.Path(subject_dir)
   return len(list((subject_dir / "pose").glob("*.npy")))
+
+
+def check_view_files(subject_dir, total: int):
+  """Raises DatasetError naming the first missing pose or image file of views
+  0 .. total - 1 (the views that lmks2d.npy describes)."""
+  subject_dir = pathlib.Path(subject_dir)
+  for index in range(total):
+    for path in (subject_dir / "pose" / f"{view_name(index)}.npy",
+                 subject_dir / "rgba" / f"{view_name(index)}.png"):
+      if not path.is_file():
+        raise DatasetError(f"missing {path} (lmks2d.npy describes {total} views)")
 
 
 def read_multiview_view(subject_dir, index: int):

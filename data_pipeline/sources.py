@@ -95,11 +95,12 @@ class MultiviewReader:
 
   def meta(self, subject_dir: pathlib.Path):
     """-> (number of views, K [3, 3], image size, landmarks [views, 68, 2])."""
-    total = layout.num_views(subject_dir)
     K, width, height, landmarks = layout.read_multiview_meta(subject_dir)
-    if landmarks.shape[0] != total:
-      raise layout.DatasetError(f"{subject_dir}/lmks2d.npy has {landmarks.shape[0]} "
-                                f"views, the subject has {total}")
+    total = landmarks.shape[0]
+    layout.check_view_files(subject_dir, total)
+    if layout.num_views(subject_dir) != total:
+      raise layout.DatasetError(f"{subject_dir}/lmks2d.npy describes {total} views, "
+                                f"{subject_dir}/pose holds {layout.num_views(subject_dir)}")
     if width != height:
       raise layout.DatasetError(f"{subject_dir}: images must be square, got {width}x{height}")
     return total, K, width, landmarks

@@ -57,12 +57,26 @@ def composite(rgba, background):
   return rgba[..., :3] * alpha + np.asarray(background, np.float32) * (1 - alpha)
 
 
+def check_unit_range(image, what: str = "image"):
+  """Raises ValueError unless every value of `image` is finite and in [0, 1] (saying
+  which: a 0-255 image passed as floats is the usual mistake)."""
+  image = np.asarray(image)
+  if not np.all(np.isfinite(image)):
+    raise ValueError(f"{what} contains NaN or infinite values")
+  low, high = float(image.min(initial=0.0)), float(image.max(initial=0.0))
+  if low < 0.0 or high > 1.0:
+    hint = " (a 0-255 image? divide it by 255)" if high > 1.0 else ""
+    raise ValueError(f"{what} must have values in [0, 1], got [{low:g}, {high:g}]{hint}")
+
+
 def prepare_source_image(image, size: int):
   """The model's source image: [..., H, W, 3 or 4] in [0, 1] -> [..., size, size, 3]:
-  RGBA composited on white, bicubic-resized (align_corners), clamped to [0, 1]."""
+  RGBA composited on white, bicubic-resized (align_corners), clamped to [0, 1].
+  Non-finite values or values outside [0, 1] are refused."""
   image = np.asarray(image, np.float32)
   if image.ndim < 3 or image.shape[-1] not in (3, 4):
     raise ValueError(f"prepare_source_image: image must be [..., H, W, 3|4], got {image.shape}")
+  check_unit_range(image, "prepare_source_image: the image")
   if image.shape[-1] == 4:
     image = composite(image, 1.0)
   return np.clip(resize_bicubic(image, size), 0.0, 1.0)

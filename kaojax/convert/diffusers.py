@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx
 
 from kaojax.convert.torch_state import (StateMapping, assign_state, conv_kernel_hwio,
-                                        linear_kernel, param_count, param_shapes, read_json,
-                                        read_state_dict)
+                                        converter_parser, linear_kernel, param_count,
+                                        param_shapes, read_json, read_state_dict)
 from kaojax.models import loading
 from kaojax.models.mvdiffusion.unet import UNet, UNetConfig
 from kaojax.models.mvdiffusion.vae import VAE, VAEConfig
@@ -159,19 +159,14 @@ def convert(src: PathLike, out: PathLike, kind: str = "auto", num_views: int = 6
 
 
 def main(argv=None):
-  import argparse
-  parser = argparse.ArgumentParser(
-      prog="python -m kaojax.convert.diffusers",
-      description="Convert a diffusers UNet2DConditionModel or AutoencoderKL folder into a "
-                  "kaojax model directory (load it with kaojax.convert.diffusers.load_unet / "
-                  "load_vae).")
-  parser.add_argument("--in", dest="src", required=True,
-                      help="diffusers model folder (config.json + diffusion_pytorch_model.*)")
-  parser.add_argument("--out", required=True, help="output directory")
+  parser = converter_parser(
+      "diffusers", "Convert a diffusers UNet2DConditionModel or AutoencoderKL folder into a "
+      "kaojax model directory (kaojax.models.loading.load_network(DIR, 'unet' / 'vae'); "
+      "the FaceLift pipeline folder's unet/ and vae/).",
+      "diffusers model folder (config.json + diffusion_pytorch_model.*)")
   parser.add_argument("--kind", default="auto", choices=("auto",) + tuple(MODELS))
   parser.add_argument("--num-views", type=int, default=6,
                       help="UNet: views per group of the multi-view attention")
-  parser.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
   model = convert(args.src, args.out, args.kind, args.num_views, args.overwrite)
   print(f"saved {type(model).__name__} ({param_count(model):,} parameters) to {args.out}")

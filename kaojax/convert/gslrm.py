@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from kaojax.convert.torch_state import (CheckpointError, StateMapping, assign_state,
-                                        linear_kernel, param_count, param_shapes)
+                                        converter_parser, linear_kernel, param_count,
+                                        param_shapes)
 from kaojax.models.gslrm import GSLRM, GSLRMConfig
 from kaojax.models import loading
 
@@ -136,20 +137,14 @@ def convert(src: PathLike, out: PathLike, heads: Optional[int] = None, head_dim:
 
 
 def main(argv=None):
-  import argparse
-  parser = argparse.ArgumentParser(
-      prog="python -m kaojax.convert.gslrm",
-      description="Convert a FaceLift GS-LRM PyTorch checkpoint into a kaojax model "
-                  "directory (load it with kaojax.convert.gslrm.load_gslrm).")
-  parser.add_argument("--in", dest="src", required=True,
-                      help="torch.save checkpoint ({'model': state_dict, ...}), bare state "
-                           "dict or .safetensors")
-  parser.add_argument("--out", required=True, help="output directory")
+  parser = converter_parser(
+      "gslrm", "Convert a FaceLift GS-LRM PyTorch checkpoint into a kaojax model directory "
+      "(kaojax.models.loading.load_network(DIR, 'gslrm'); the FaceLift job's --gslrm).",
+      "torch.save checkpoint ({'model': state_dict, ...}), bare state dict or .safetensors")
   parser.add_argument("--head-dim", type=int, default=64,
                       help="attention head width (not stored in the weights; FaceLift: 64)")
   parser.add_argument("--heads", type=int, default=None,
                       help="attention heads (default: width / head dim)")
-  parser.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
   model = convert(args.src, args.out, args.heads, args.head_dim, args.overwrite)
   print(f"saved GS-LRM ({param_count(model):,} parameters, {model.cfg.layers} layers of width "

@@ -21,17 +21,20 @@ Any other unknown key, any missing key and any mis-shaped key raises a
 `CheckpointError` listing all of them.
 """
 
+import collections
 import math
 import os
 import pathlib
+import re
 from typing import Mapping, Optional, Union
 
 import numpy as np
 from flax import nnx
 
 from kaojax.convert.dinov2 import count_layers, map_dinov2_original
-from kaojax.convert.torch_state import (StateMapping, assign_state, linear_kernel,
-                                        param_shapes, read_json, read_state_dict)
+from kaojax.convert.torch_state import (CheckpointError, StateMapping, assign_state,
+                                        converter_parser, linear_kernel, param_shapes,
+                                        read_json, read_state_dict)
 
 ENCODER = "encoder.model."
 # DINOv2 hub names -> attention heads (head dim 64 in every released model).
@@ -62,18 +65,28 @@ def lrm_config_from_state(state: Mapping[str, np.ndarray], image_size: int,
   encoder = Dinov2Config(
       dim=enc_dim, depth=count_layers(state, ENCODER + "blocks.", "norm1.weight"),
       heads=encoder_heads or _default_heads(enc_dim, "encoder"),
-      mlp_ratio=state[ENCODER + "blocks.0.mlp.fc1.weight"].shape[0] / enc_dim,
+      mlp_ratio=_agreed_width(state, re.escape(ENCODER)
+                              + r"blocks\.\d+\.mlp\.(fc1\.weight|fc1\.bias|fc2\.weight)") / enc_dim,
       patch=state[ENCODER + "patch_embed.proj.weight"].shape[-1],
       num_registers=0 if regs is None else regs.shape[1], image_size=image_size,
       **{k: v for k, v in overrides.items() if k in ("efficient_attention", "remat", "dtype")})
   dim = state["pos_embed"].shape[-1]
   low = math.isqrt(state["pos_embed"].shape[1] // 3)
-  mlp = state.get("transformer.layers.0.mlp.0.weight")
+  hidden = _agreed_width(state, r"transformer\.layers\.\d+\.mlp\.(0\.weight|0\.bias|3\.weight)")
   return LRMConfig(
       encoder=encoder, dim=dim, layers=count_layers(state, "transformer.layers.", "norm1.norm.weight"),
       heads=heads or _default_heads(dim, "transformer"), camera_dim=state["camera_embedder.mlp.0.weight"].shape[0],
       triplane_low=low, triplane_high=2 * low, triplane_dim=state["upsampler.weight"].shape[1],
-      mlp_ratio=4.0 if mlp is None else mlp.shape[0] / dim, **overrides)
+      mlp_ratio=4.0 if hidden is None else hidden / dim, **overrides)
+
+
+def _agreed_width(state, pattern: str) -> Optional[int]:
+  """The feed-forward width most keys matching `pattern` carry (rows of a first
+  layer's weight and bias, columns of a second layer's weight), so that one damaged
+  tensor is reported as mis-shaped itself instead of mis-sizing the whole model."""
+  widths = [np.shape(v)[1 if k.endswith("3.weight") or k.endswith("fc2.weight") else 0]
+            for k, v in state.items() if re.fullmatch(pattern, k) and np.ndim(v) >= 1]
+  return collections.Counter(widths).most_common(1)[0][0] if widths else None
 
 
 def _default_heads(width: int, what: str) -> int:
@@ -108,7 +121,6 @@ def lrm_config_from_json(config: Mapping, state: Mapping[str, np.ndarray],
   clashes = [f"{k}: config.json says {config[k]}, the weights have {v}"
              for k, v in stated.items() if k in config and config[k] != v]
   if clashes:
-    from kaojax.convert.torch_state import CheckpointError
     raise CheckpointError("config.json does not match the checkpoint:\n  " + "\n  ".join(clashes))
   return cfg
 
@@ -116,7 +128,6 @@ def lrm_config_from_json(config: Mapping, state: Mapping[str, np.ndarray],
 def _require(state, keys):
   missing = [k for k in keys if k not in state]
   if missing:
-    from kaojax.convert.torch_state import CheckpointError
     raise CheckpointError("not an OpenLRM/KaoLRM state dict; missing keys:\n  "
                           + "\n  ".join(missing))
 
@@ -141,6 +152,10 @@ def _attention(m: StateMapping, key: str, dest: tuple):
   """nn.MultiheadAttention(bias=False), packed or separate q/k/v."""
   if key + ".in_proj_weight" in m.state:
     w = m.take(key + ".in_proj_weight")
+    if w.ndim != 2 or w.shape[0] % 3:
+      m.malformed_key(key + ".in_proj_weight",
+                      f"shape {tuple(w.shape)}, expected [3 x width, width] (q|k|v rows)")
+      return
     for name, part in zip("qkv", np.split(w, 3, axis=0)):
       m.put(dest + (name, "kernel"), linear_kernel(part), key + ".in_proj_weight")
   else:
@@ -248,7 +263,6 @@ def kaolrm_config_from_state(state: Mapping[str, np.ndarray], image_size: int = 
       gaussian_hidden=state[GAUSSIAN_DECODER + ".0.weight"].shape[0], **kaolrm_overrides)
   out = state[FLAME_DECODER + "7.weight"].shape[0]
   if out != cfg.flame_out:
-    from kaojax.convert.torch_state import CheckpointError
     raise CheckpointError(f"{FLAME_DECODER}7.weight has {out} outputs; {n_shape} shape + "
                           f"{n_expr} expression + 10 = {cfg.flame_out} expected")
   return cfg
@@ -383,15 +397,10 @@ def convert(src, out, kind: str = "auto", image_size: Optional[int] = None, flam
 
 
 def main(argv=None):
-  import argparse
-  parser = argparse.ArgumentParser(
-      prog="python -m kaojax.convert.openlrm",
-      description="Convert an OpenLRM / KaoLRM PyTorch checkpoint into a kaojax Orbax "
-                  "checkpoint (load it with kaojax.models.loading.load_model).")
-  parser.add_argument("--in", dest="src", required=True,
-                      help="model.safetensors, pytorch_model.bin or a folder holding one "
-                           "(and config.json)")
-  parser.add_argument("--out", required=True, help="output directory")
+  parser = converter_parser(
+      "openlrm", "Convert an OpenLRM / KaoLRM PyTorch checkpoint into a kaojax model "
+      "directory (kaojax.models.loading.load_model; config.init.converted_model).",
+      "model.safetensors, pytorch_model.bin or a folder holding one (and config.json)")
   parser.add_argument("--kind", default="auto", choices=KINDS)
   parser.add_argument("--image-size", type=int, default=None,
                       help="fixed input size (default: OpenLRM's per size, 224 for KaoLRM)")
@@ -403,7 +412,6 @@ def main(argv=None):
                       help="encoder attention heads (default: from config.json / width 64)")
   parser.add_argument("--heads", type=int, default=None,
                       help="transformer attention heads (default: config.json / width / 64)")
-  parser.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
   model = convert(args.src, args.out, args.kind, args.image_size, args.flame, args.masks,
                   args.seed, args.overwrite, args.encoder_heads, args.heads)

@@ -117,6 +117,7 @@ class StateMapping:
     self.origin = {}       # nnx path -> torch key(s)
     self.taken = set()
     self.missing = []
+    self.malformed = []    # "key: what is wrong with it"
 
   def has(self, key: str) -> bool:
     return key in self.state
@@ -128,6 +129,10 @@ class StateMapping:
       return None
     self.taken.add(key)
     return np.asarray(self.state[key])
+
+  def malformed_key(self, key: str, message: str) -> None:
+    """Record a key whose array cannot be converted (reported by `finish`)."""
+    self.malformed.append(f"{key}: {message}")
 
   def put(self, path: Iterable, array: Optional[np.ndarray], origin: str) -> None:
     """Store `array` at nnx `path` (skipped when a needed key was missing)."""
@@ -150,7 +155,7 @@ class StateMapping:
     unexpected = self.unexpected()
     if unexpected:
       problems.append("unexpected keys:\n  " + "\n  ".join(unexpected))
-    shaped = []
+    shaped = list(self.malformed)
     for path, array in self.arrays.items():
       want = expected_shapes.get(path)
       if want is None:
@@ -200,3 +205,16 @@ def assign_state(module: nnx.Module, arrays: Mapping[tuple, np.ndarray],
       raise CheckpointError(f"{'/'.join(path)}: shape {array.shape}, model wants {value.shape}")
     var.set_value(jnp.asarray(array, value.dtype))
   nnx.update(module, state)
+
+
+def converter_parser(module: str, description: str, input_help: Optional[str] = None):
+  """The argparse parser of a converter's command line (`python -m kaojax.convert.X`):
+  --out and --overwrite, and --in (as `src`) when `input_help` is given."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog=f"python -m kaojax.convert.{module}",
+                                   description=description)
+  if input_help is not None:
+    parser.add_argument("--in", dest="src", required=True, help=input_help)
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  return parser

@@ -27,7 +27,8 @@ from flax import nnx
 
 from kaojax.models.loading import save_lpips
 from kaojax.convert.torch_state import (CheckpointError, StateMapping, assign_state,
-                                        conv_kernel_hwio, param_shapes, read_state_dict)
+                                        conv_kernel_hwio, converter_parser, param_shapes,
+                                        read_state_dict)
 from kaojax.losses.perceptual import LPIPS
 from kaojax.models.vgg import torch_feature_indices
 
@@ -119,16 +120,12 @@ def convert(vgg: PathLike, out: PathLike, lin: Optional[PathLike] = None,
 
 
 def main(argv=None):
-  import argparse
-  parser = argparse.ArgumentParser(
-      prog="python -m kaojax.convert.vgg",
-      description="Convert torchvision's VGG16 and lpips' linear heads into the kaojax "
-                  "LPIPS network (config.loss.lpips_weights).")
+  parser = converter_parser(
+      "vgg", "Convert torchvision's VGG16 and lpips' linear heads into the kaojax LPIPS "
+      "network (config.loss.lpips_weights).")
   parser.add_argument("--vgg", required=True,
                       help="torchvision vgg16 state dict (.pth), or an lpips.LPIPS state dict")
   parser.add_argument("--lin", default=None, help="lpips weights/v0.1/vgg.pth")
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
   model = convert(args.vgg, args.out, args.lin, args.overwrite)
   count = sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))

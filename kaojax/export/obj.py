@@ -14,6 +14,8 @@ def write_obj(path, vertices, faces, colors=None) -> pathlib.Path:
     raise ValueError(f"vertices must be [V, 3], got {vertices.shape}")
   if faces.ndim != 2 or faces.shape[1] != 3:
     raise ValueError(f"faces must be [F, 3], got {faces.shape}")
+  if not np.all(np.isfinite(vertices)):
+    raise ValueError(f"{path}: not written, the vertices contain NaN or infinite values")
   if colors is None:
     rows, row = vertices, "v %.6f %.6f %.6f\n"
   else:

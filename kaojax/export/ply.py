@@ -68,6 +68,8 @@ def write_gaussian_ply(path, means, scales, quats, opacities, colors=None, f_dc=
   opacities = np.asarray(opacities, np.float64).reshape(-1)
   if opacities.shape[0] != n:
     raise ValueError(f"opacities must have {n} entries, got {opacities.shape[0]}")
+  if not np.all(np.isfinite(opacities)):
+    raise ValueError("opacities contain NaN or infinite values: nothing is written")
   if (f_dc is None) == (colors is None):
     raise ValueError("pass exactly one of f_dc and colors")
   f_dc = _rows(f_dc, 3, "f_dc", n) if f_dc is not None else (
@@ -96,6 +98,8 @@ def _rows(a, width, name, n=None):
   if a.ndim != 2 or a.shape[1] != width or (n is not None and a.shape[0] != n):
     want = f"[{n if n is not None else 'N'}, {width}]"
     raise ValueError(f"{name} must be {want}, got {a.shape}")
+  if not np.all(np.isfinite(a)):
+    raise ValueError(f"{name} contain NaN or infinite values: nothing is written")
   return a
 
 

@@ -29,6 +29,7 @@ from flax import nnx
 
 from kaojax.geometry.cameras import (FACELIFT_FOV_DEG, FACELIFT_RADIUS, facelift_cameras,
                                      intrinsics_from_fov, orbit_cameras)
+from kaojax.images import check_unit_range
 from kaojax.models import loading
 from kaojax.models.gslrm import GSLRM, PostFilter, gslrm_config, post_filter_mask, select
 from kaojax.models.mvdiffusion.clip import CLIPVisionEncoder, clip_vision_config, preprocess
@@ -357,26 +358,29 @@ def run(models: FaceLiftModels, image, out_dir, cfg: FaceLiftConfig = FaceLiftCo
         render_outputs: bool = True) -> dict:
   """Full pipeline on one pre-cropped image [S, S, 3] in [0, 1]; writes input.png,
   multiview.png, gaussians.ply and (with a renderer) output.png and the turntable.
-  Returns {name: path or array}."""
+  Returns {name: path or array}. An image with values outside [0, 1] or not finite,
+  or a run whose views or Gaussians are not finite, raises ValueError before any
+  file is written."""
   from kaojax.export.ply import write_gslrm_ply
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   image = jnp.asarray(image, jnp.float32)
   if image.shape != (cfg.image_size, cfg.image_size, 3):
     raise ValueError(f"image must be [{cfg.image_size}, {cfg.image_size}, 3] in [0, 1], "
                      f"got {image.shape}")
-  result = {}
-  _save_png(out_dir / "input.png", image)
+  check_unit_range(image, "FaceLift input image")
   views = generate_views(models, image, cfg)
-  result["views"] = views
-  _save_png(out_dir / "multiview.png", jnp.concatenate(list(views), axis=1))
   recon = reconstruct(models, views)
   keep = np.asarray(post_filter_mask(recon.xyz[0], recon.scales[0], recon.opacities[0],
                                      cfg.post_filter))
-  result["gaussians"] = recon
-  result["keep"] = keep
-  result["ply"] = write_gslrm_ply(out_dir / "gaussians.ply", recon, mask=keep)
-  result.update(input=out_dir / "input.png", multiview=out_dir / "multiview.png")
+  for name, value in (("generated views", views), ("Gaussians", recon)):
+    if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(value)):
+      raise ValueError(f"FaceLift produced non-finite {name}; nothing was written")
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  _save_png(out_dir / "input.png", image)
+  _save_png(out_dir / "multiview.png", jnp.concatenate(list(views), axis=1))
+  result = {"views": views, "gaussians": recon, "keep": keep,
+            "ply": write_gslrm_ply(out_dir / "gaussians.ply", recon, mask=keep),
+            "input": out_dir / "input.png", "multiview": out_dir / "multiview.png"}
   if render_outputs:
     g = jax.tree_util.tree_map(jnp.asarray, select(
         jax.tree_util.tree_map(lambda a: a[0], recon.gaussians()), keep))

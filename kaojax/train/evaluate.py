@@ -26,7 +26,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-
+from absl import logging
 from flax import nnx
 
 from data_pipeline import layout, sources
@@ -42,35 +42,48 @@ class EvalSet:
   batches: list of Batches (white background), one per source view set;
   gt_vertices: [S, V, 3] or None;
   gt_rotations: [N, S, 3, 3] or None, the head rotation of each subject in the
-    normalised world of each of the N source-view sets.
+    normalised world of each of the N source-view sets;
+  num_skipped: held-out subjects left out because a file of theirs is unreadable.
   """
   batches: list
   gt_vertices: np.ndarray = None
   gt_rotations: np.ndarray = None
+  num_skipped: int = 0
 
 
 def load_eval_set(root, split: str, cfg: sources.PipelineConfig, max_subjects: int,
                   num_source_views: int, seed: int = 0) -> EvalSet:
   """Up to `max_subjects` subjects of `split`; `num_source_views` samples per subject,
-  each from a different random view set (for the cross-view variance)."""
-  uids = layout.read_split(root, split)[:max_subjects]
+  each from a different random view set (for the cross-view variance). A subject with
+  an unreadable file is logged with the file's path and left out, as in training."""
   cfg = dataclasses.replace(cfg, random_background=False)
   root = pathlib.Path(root)
-  batches = []
-  for j in range(num_source_views):
-    samples = [sources.load_multiview(root / uid, np.random.default_rng((seed, i, j)), cfg)
-               for i, uid in enumerate(uids)]
-    batches.append(make_batch(samples))
+  reader = sources.MultiviewReader()
+  per_subject, skipped = [], 0
+  for i, uid in enumerate(layout.read_split(root, split)[:max_subjects]):
+    try:
+      per_subject.append((uid, [
+          sources.load_multiview(root / uid, np.random.default_rng((seed, i, j)), cfg, reader)
+          for j in range(num_source_views)]))
+    except layout.DatasetError as err:
+      logging.warning("skipping unreadable held-out subject: %s", err)
+      skipped += 1
+  if not per_subject:
+    raise layout.DatasetError(f"no readable held-out subject in {root} ({split} split, "
+                              f"{skipped} skipped)")
+  uids = [uid for uid, _ in per_subject]
+  batches = [make_batch([samples[j] for _, samples in per_subject])
+             for j in range(num_source_views)]
   gt_files = [root / uid / "gt" / "params.npz" for uid in uids]
   if not all(f.is_file() for f in gt_files):
-    return EvalSet(batches=batches)
+    return EvalSet(batches=batches, num_skipped=skipped)
   gt = [np.load(f) for f in gt_files]
   head = np.asarray(geometry.axis_angle_to_matrix(
       np.stack([g["pose"][:3] for g in gt]).astype(np.float32)))
   rotations = np.stack([b.world_to_canonical[:, :3, :3] @ head for b in batches])
   return EvalSet(batches=batches,
                  gt_vertices=np.stack([g["vertices"] for g in gt]).astype(np.float32),
-                 gt_rotations=rotations.astype(np.float32))
+                 gt_rotations=rotations.astype(np.float32), num_skipped=skipped)
 
 
 def rotation_angle_deg(a, b):
@@ -125,6 +138,7 @@ def evaluate(eval_step, params, rest, eval_set: EvalSet, key):
   metrics = {
       "eval/landmark_error_px": float(np.mean([o["landmark_error_px"] for o in outs])),
       "eval/psnr": float(np.mean([o["psnr"] for o in outs])),
+      "eval/skipped_subjects": eval_set.num_skipped,
   }
   if len(outs) > 1:
     shapes = np.stack([o["shape"] for o in outs])

@@ -152,7 +152,9 @@ def place_state(state, device_mesh, tx):
       lambda x: x if x.sharding.device_set == mesh_devices else jax.device_put(x, replicated),
       jax.jit(tx.init)(params))
   return state.replace(params=params, rest=jax.device_put(state.rest, replicated),
-                       step=jax.device_put(state.step, replicated), opt_state=opt_state)
+                       opt_state=opt_state,
+                       **{name: jax.device_put(getattr(state, name), replicated)
+                          for name in ("step", "nonfinite_steps", "nonfinite_streak")})
 
 
 def compile_step(graphdef, tx, state, device_mesh, weights: dict, synth_focal: float,
@@ -281,10 +283,12 @@ def train_and_evaluate(config, workdir) -> dict:
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
   batches = sources.iterate(dataset, start, config.data.num_workers)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  # A resumed run drops the rows that an interrupted run logged past its checkpoint.
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
+  skipped = int(writer.last_value("skipped_subjects", 0))
   key = jax.random.key(config.seed)
   eval_key = jax.random.key(config.seed + 1)
-  last_eval, skipped, tick = {}, 0, time.perf_counter()
+  last_eval, tick = {}, time.perf_counter()
 
   def run_eval(step):
     metrics, outputs = evaluation.evaluate(eval_step, state.params, state.rest,
@@ -313,11 +317,18 @@ def train_and_evaluate(config, workdir) -> dict:
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - tick
       tick = time.perf_counter()
-      writer.write(done, metrics, stage=stage)
+      writer.write(done, metrics, stage=stage, skipped_subjects=skipped)
       progress.set_postfix(stage=stage, loss=f"{float(metrics['loss']):.4g}",
                            skipped=skipped)
       logging.info("%.2f s/step, %d unreadable subjects skipped so far",
                    elapsed / config.log_every, skipped)
+      streak = int(metrics["nonfinite_streak"])
+      if streak >= config.max_nonfinite_streak:
+        raise FloatingPointError(
+            f"{streak} training steps in a row (up to step {done}) had a non-finite loss or "
+            f"gradients; their updates were skipped, {int(metrics['nonfinite_steps'])} in all "
+            f"(config.max_nonfinite_streak={config.max_nonfinite_streak}). The parameters "
+            f"are those before the first of them. Lower config.optim.lr or check the data.")
     manager.save(done, args=ocp.args.StandardSave(state))
     if eval_set is not None and (done % config.eval_every == 0 or done == total_steps):
       last_eval = run_eval(done)

@@ -18,19 +18,26 @@ from kaojax.nn.params import TRAINABLE
 @flax.struct.dataclass
 class TrainState:
   """step []; params: trainable nnx.State; rest: every other model variable
-  (frozen encoder/upsampler, FLAME buffers); opt_state: optax state of params."""
+  (frozen encoder/upsampler, FLAME buffers); opt_state: optax state of params;
+  nonfinite_steps [] / nonfinite_streak []: steps whose loss or gradients were not
+  finite (their update skipped), in all and in a row up to now."""
   step: jax.Array
   params: nnx.State
   rest: nnx.State
   opt_state: optax.OptState
+  nonfinite_steps: jax.Array
+  nonfinite_streak: jax.Array
 
 
 def create_state(model, tx) -> tuple:
   """-> (graphdef, TrainState at step 0): the trainable parameters apart from the
   rest of the model."""
   graphdef, params, rest = nnx.split(model, TRAINABLE, ...)
-  return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                              opt_state=tx.init(params))
+  # Three arrays, not one shared: the jitted step donates each field's buffer.
+  zero = lambda: jnp.zeros((), jnp.int32)
+  return graphdef, TrainState(step=zero(), params=params, rest=rest,
+                              opt_state=tx.init(params), nonfinite_steps=zero(),
+                              nonfinite_streak=zero())
 
 
 # Terms that need the mesh renders (the surfels are always rendered).
@@ -81,9 +88,13 @@ def missing_perceptual_error(weight) -> ValueError:
 def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
                     tiling: RenderTiling = DEFAULT_TILING, perceptual=None):
   """A jit-able (state, batch, key[, perceptual_state]) -> (state, metrics) for one
-  loss-weight table. metrics: every active loss term, `loss`, `grad_norm` and
-  `render_overflow` (mean number of (tile, primitive) pairs per view the renderers
-  dropped; raise the `tiling` capacities when it is not 0).
+  loss-weight table. metrics: every active loss term, `loss`, `grad_norm`,
+  `surfel_overflow` / `mesh_overflow` (mean number of (tile, primitive) pairs per view
+  each renderer dropped; raise the `tiling` capacities when it is not 0),
+  `nonfinite_steps` and `nonfinite_streak` (see TrainState).
+
+  A step whose loss or gradients are not finite changes neither the parameters nor
+  the optimiser state; it is counted in the state's non-finite counters.
 
   perceptual: the LPIPS network (kaojax.convert.vgg.load_lpips), required when the
   "lpips" weight is not 0; its parameters are never trained. Pass its
@@ -107,8 +118,9 @@ def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
     net = (nnx.merge(perceptual_graph, jax.lax.stop_gradient(perceptual_state))
            if use_perceptual else None)
     terms = loss_terms(model, out, renders, batch, active, net)
-    overflow = sum(jnp.mean(r["overflow"].astype(jnp.float32)) for r in renders.values())
-    return losses.weighted_total(terms, active), dict(terms, render_overflow=overflow)
+    overflow = {f"{'surfel' if name == 'surfels' else name}_overflow":
+                jnp.mean(r["overflow"].astype(jnp.float32)) for name, r in renders.items()}
+    return losses.weighted_total(terms, active), dict(terms, **overflow)
 
   def train_step(state: TrainState, batch, key, perceptual_state=None):
     if use_perceptual and perceptual_state is None:
@@ -118,7 +130,17 @@ def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
                                     perceptual_state if use_perceptual else None)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(terms, loss=total, grad_norm=optax.tree.norm(grads))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    bad = 1 - finite.astype(jnp.int32)
+    state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                          opt_state=keep(opt_state, state.opt_state),
+                          nonfinite_steps=state.nonfinite_steps + bad,
+                          nonfinite_streak=(state.nonfinite_streak + 1) * bad)
+    metrics = dict(terms, loss=total, grad_norm=grad_norm,
+                   nonfinite_steps=state.nonfinite_steps,
+                   nonfinite_streak=state.nonfinite_streak)
+    return state, metrics
 
   return train_step

@@ -80,6 +80,31 @@ def test_errors_list_every_missing_unexpected_and_misshaped_key():
   assert "missing keys" in text and "unexpected keys" in text and "mis-shaped keys" in text
 
 
+def test_damaged_tensors_are_named_with_their_file_and_shapes(tmp_path):
+  """A packed q|k|v weight whose rows do not split in three, and a damaged first MLP
+  weight: the error names the file, those keys and their shapes, and blames nothing
+  else (the MLP width is what most of its tensors agree on)."""
+  from safetensors.numpy import save_file
+  from kaojax.convert.openlrm import convert
+  state = {k: np.ascontiguousarray(v) for k, v in small_openlrm_state().items()}
+  packed = "transformer.layers.0.self_attn.in_proj_weight"
+  rows, width = state[packed].shape
+  state[packed] = state[packed][:rows - 1]
+  mlp = "transformer.layers.0.mlp.0.weight"
+  hidden = state[mlp].shape[0]
+  state[mlp] = state[mlp][:hidden - 1]
+  save_file(state, str(tmp_path / "model.safetensors"))
+  with pytest.raises(CheckpointError) as err:
+    convert(tmp_path / "model.safetensors", tmp_path / "out", kind="openlrm")
+  text = str(err.value)
+  assert str(tmp_path / "model.safetensors") in text
+  assert f"{packed}: shape ({rows - 1}, {width})" in text
+  assert f"{mlp}: converted shape ({width}, {hidden - 1})" in text
+  assert f"expects ({width}, {hidden})" in text
+  for innocent in ("mlp.0.bias", "mlp.3.weight", "cross_attn"):
+    assert innocent not in text, innocent
+
+
 def test_synthesizer_is_only_allowed_for_kaolrm():
   state = dict(small_openlrm_state())
   state["flame_decoder.decoder.0.weight"] = np.zeros((16, 3 * 64 * 64), np.float32)

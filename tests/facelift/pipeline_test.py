@@ -42,6 +42,26 @@ def test_end_to_end_tiny(tmp_path, models):
   assert len(list(tmp_path.glob("turntable.*"))) == 1       # no partial leftovers
 
 
+def test_bad_input_pixels_are_refused_before_anything_is_written(tmp_path, models):
+  image = np.full((32, 32, 3), 0.5, np.float32)
+  image[4, 5, 0] = np.nan
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    facelift.run(models, image, tmp_path / "nan", CFG)
+  with pytest.raises(ValueError, match="0-255"):
+    facelift.run(models, np.full((32, 32, 3), 200.0, np.float32), tmp_path / "u8", CFG)
+  assert not (tmp_path / "nan").exists() and not (tmp_path / "u8").exists()
+
+
+def test_nonfinite_outputs_write_nothing(tmp_path, models, monkeypatch):
+  """Weights that turn the Gaussians into NaN: an error, and no partial outputs."""
+  broken = facelift.reconstruct
+  monkeypatch.setattr(facelift, "reconstruct", lambda m, v: jax.tree.map(
+      lambda x: x * jnp.nan, broken(m, v)))
+  with pytest.raises(ValueError, match="non-finite Gaussians; nothing was written"):
+    facelift.run(models, np.full((32, 32, 3), 0.5, np.float32), tmp_path / "out", CFG)
+  assert not (tmp_path / "out").exists()
+
+
 def test_guidance_and_conditioning_paths(models):
   """class labels = noise-augmented CLIP embedding ++ noise-level embedding; the
   unconditional branch is what the UNet gives with zero labels and zero image latents."""

@@ -31,3 +31,14 @@ def test_matches_torch_bicubic_align_corners(in_size, out_size):
 def test_rejects_bad_shapes():
   with pytest.raises(ValueError, match=r"\[\.\.\., H, W, 3\|4\]"):
     prepare_source_image(np.zeros((8, 8, 2)), 4)
+
+
+def test_refuses_nonfinite_and_out_of_range_images():
+  image = np.full((8, 8, 3), 0.5, np.float32)
+  with pytest.raises(ValueError, match="a 0-255 image"):
+    prepare_source_image(image * 255, 4)
+  with pytest.raises(ValueError, match=r"in \[0, 1\], got \[-0.5"):
+    prepare_source_image(image - 1.0, 4)
+  image[2, 3, 1] = np.nan
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    prepare_source_image(image, 4)

@@ -106,3 +106,30 @@ def test_metrics_from_known_predictions():
   metrics, _ = evaluate.evaluate(lambda p, r, batch, k: outputs[batch["set"]],
                                  None, None, eval_set, None)
   assert abs(metrics["eval/rotation_error_deg"] - offsets.mean()) > 1.0
+
+
+def test_unreadable_subjects_are_skipped_named_and_counted(tiny_dataset, tmp_path, caplog):
+  """A held-out subject with a missing pose file is skipped like a training subject,
+  its path in the log; the run finishes and metrics.jsonl counts both kinds of skip."""
+  import shutil
+  from kaojax.train.loop import train_and_evaluate
+  from kaojax.train.metrics import read_metrics
+  from tests.train.tiny_run import tiny_config
+  root = tmp_path / "data"
+  shutil.copytree(tiny_dataset, root)
+  held_out = layout.read_split(root, "val")
+  train = layout.read_split(root, "train")
+  for broken, split, uids in (("broken_val", "val", held_out), ("broken_train", "train", train)):
+    shutil.copytree(root / uids[0], root / broken)
+    (root / broken / "pose" / "002.npy").unlink()
+    layout.write_split(root, split, [broken] + uids)
+  config = tiny_config(root, total_steps=2, stage1_steps=1, eval_every=2)
+  config.eval.max_subjects = 2
+  config.data.num_views = 4            # every sample needs all 4 views, view 2 too
+  train_and_evaluate(config, tmp_path / "run")
+  assert f"{root / 'broken_val' / 'pose' / '002.npy'}" in caplog.text
+  assert "lmks2d.npy describes 4 views" in caplog.text
+  rows = read_metrics(tmp_path / "run")
+  evals = [r for r in rows if "eval/psnr" in r]
+  assert [r["eval/skipped_subjects"] for r in evals] == [1, 1]
+  assert [r["skipped_subjects"] for r in rows if "loss" in r][-1] >= 1

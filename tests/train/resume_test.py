@@ -1,6 +1,8 @@
 """Training resumes exactly: 6 steps straight == 3 steps, restart, 3 steps, held-out
 evaluations included."""
 
+import shutil
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -27,6 +29,13 @@ def test_restart_gives_identical_metrics_and_parameters(tiny_dataset, tmp_path):
   first.stop_at_step = 3
   train_and_evaluate(first, resumed)
   assert [r["step"] for r in read_metrics(resumed) if "loss" in r] == [1, 2, 3]
+  # A run killed after logging steps 4 and 5 but before its next checkpoint: its
+  # checkpoint of step 5 is removed, as if it had never been written.
+  killed = _config(tiny_dataset)
+  killed.stop_at_step = 5
+  train_and_evaluate(killed, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "5")
+  assert [r["step"] for r in read_metrics(resumed) if "loss" in r] == [1, 2, 3, 4, 5]
   train_and_evaluate(_config(tiny_dataset), resumed)
 
   a, b = read_metrics(straight), read_metrics(resumed)
@@ -40,8 +49,11 @@ def test_restart_gives_identical_metrics_and_parameters(tiny_dataset, tmp_path):
     assert {"eval/psnr", "eval/vertex_error", "eval/rotation_error_deg",
             "eval/var_shape"} <= set(r)
     assert 0 <= r["eval/rotation_error_deg"] <= 180 and np.isfinite(r["eval/psnr"])
-  assert len(a) == len(b)
+  assert len(a) == len(b)      # every (step, kind) row once
   for row_a, row_b in zip(a, b):
     assert row_a == row_b
+  for r in train_a:  # each renderer's dropped primitives (the mesh: stage II), skip counts
+    assert {"surfel_overflow", "skipped_subjects", "nonfinite_steps"} <= set(r)
+    assert ("mesh_overflow" in r) == (r["stage"] == 2)
   for x, y in zip(_final_params(straight), _final_params(resumed)):
     np.testing.assert_array_equal(x, y)
