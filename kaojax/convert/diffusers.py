@@ -20,7 +20,6 @@ the config and the parameters); `load_unet` / `load_vae` take that directory as 
 as the diffusers folder.
 """
 
-import dataclasses
 import functools
 import os
 import pathlib

@@ -13,7 +13,6 @@ GSLRMConfig and the parameters, no PyTorch needed to read it); `load_gslrm` take
 that directory as well as the checkpoint.
 """
 
-import dataclasses
 import os
 import pathlib
 from typing import Mapping, Optional, Union

@@ -18,7 +18,6 @@ weights, so reduced test networks convert the same way.
 """
 
 import os
-import pathlib
 import re
 from typing import Mapping, Optional, Union
 

@@ -13,7 +13,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from kaojax.models.dinov2 import Dinov2, Dinov2Config

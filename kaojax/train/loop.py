@@ -24,7 +24,6 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from data_pipeline import sources, synthetic
-from data_pipeline.batch import Batch
 from kaojax import losses, sharding
 from kaojax.flame.io import load_flame
 from kaojax.flame.synthetic import make_synthetic_flame
