@@ -82,8 +82,7 @@ def bench_size(name, args, flame):
   on_cpu = jax.default_backend() == "cpu"
   t_torch = best_time(run_torch, args.repeats) if on_cpu else None
 
-  model = _random_params(nnx.eval_shape(lambda: KaoLRM(cfg, flame, nnx.Rngs(0))), 1)
-  model.flame = type(model.flame)(flame)
+  model = _random_params(KaoLRM.abstract(cfg, flame), 1)
   key = jax.random.key(0)
   forward = nnx.jit(lambda m, x, c, k: m(x, c, k))
   t_model = best_time(lambda: jax.block_until_ready(forward(model, images, cameras, key)),
