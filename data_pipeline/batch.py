@@ -29,6 +29,8 @@ class Batch:
   background          [B, 3]
   world_to_canonical  [B, 4, 4]        (multi-view data) the rigid motion taking the
                                        dataset's world into that normalised world
+  face_mask           [B, V, R, R]     (monocular data) the dataset's facial mask, where
+                                       the pixel and binding losses are taken
   num_skipped         [B]              unreadable subjects replaced to build each sample
   """
   source: jax.Array
@@ -40,6 +42,7 @@ class Batch:
   landmarks: jax.Array
   background: jax.Array
   world_to_canonical: Optional[jax.Array] = None
+  face_mask: Optional[jax.Array] = None
   num_skipped: Optional[jax.Array] = None
 
   @property
@@ -52,10 +55,11 @@ class Batch:
 
   def views(self, count: int) -> "Batch":
     """The same samples with only their first `count` target views."""
-    return self.replace(**{name: getattr(self, name)[:, :count] for name in PER_VIEW})
+    return self.replace(**{name: getattr(self, name)[:, :count] for name in PER_VIEW
+                           if getattr(self, name) is not None})
 
 
-PER_VIEW = ("target_rgb", "target_alpha", "viewmats", "Ks", "landmarks")
+PER_VIEW = ("target_rgb", "target_alpha", "viewmats", "Ks", "landmarks", "face_mask")
 
 
 def make_batch(samples: Sequence[dict]) -> Batch:

@@ -157,22 +157,25 @@ def load_multiview(subject_dir, rng: np.random.Generator, cfg: PipelineConfig,
 
 
 def load_monocular(root, uid: str, landmarks: dict, synth_focal: float,
-                   cfg: PipelineConfig):
-  """One sample from a monocular dataset: the image is source and only target (on
-  white), seen by the canonical camera with normalised focal `synth_focal`. The
-  target alpha is the image's own, as in the reference (its `mask/` files, the
-  reference's facial mask for the pixel and binding losses, are not read: the FLAME
-  facial mask stands in for them)."""
+                   cfg: PipelineConfig, rng: np.random.Generator):
+  """One sample from a monocular dataset: the image is source (on white) and only
+  target (on a background drawn from BACKGROUNDS), seen by the canonical camera with normalised focal `synth_focal`; the
+  target alpha is the image's own, and `mask/{uid}.png` the facial mask of the pixel
+  and binding losses (resized as the reference does: bicubic of its 0-255 values,
+  then > 0.5, so any pixel the mask touches)."""
   root = pathlib.Path(root)
   rgba = layout.read_png(root / "rgba" / f"{uid}.png", 4)
+  mask = layout.read_png(root / "mask" / f"{uid}.png", 1)
   height, width = rgba.shape[:2]
   if uid not in landmarks:
     raise layout.DatasetError(f"{root}/lmks.npz has no landmarks for {uid!r}")
   size = cfg.render_size
   K = np.array([[synth_focal * size, 0, size / 2], [0, synth_focal * size, size / 2],
                 [0, 0, 1]], np.float32)
+  background = np.full(3, rng.choice(BACKGROUNDS) if cfg.random_background else 1.0,
+                       np.float32)
   target_rgb, target_alpha = render_targets(
-      images.resize_bicubic(premultiply(rgba), size)[None], 1.0)
+      images.resize_bicubic(premultiply(rgba), size)[None], background)
   return {
       "source": images.prepare_source_image(rgba, cfg.source_size),
       "source_camera": source_camera_vector(),
@@ -180,9 +183,10 @@ def load_monocular(root, uid: str, landmarks: dict, synth_focal: float,
       "target_alpha": target_alpha,
       "viewmats": np.linalg.inv(CANONICAL_C2W)[None].astype(np.float32),
       "Ks": K[None],
+      "face_mask": (images.resize_bicubic(mask * 255.0, size)[None, ..., 0] > 0.5),
       "landmarks": (np.asarray(landmarks[uid], np.float32)
                     * np.array([size / width, size / height], np.float32))[None],
-      "background": np.ones(3, np.float32),
+      "background": background,
   }
 
 
@@ -224,7 +228,7 @@ def monocular_loader(root, split: str, synth_focal: float, cfg: PipelineConfig):
   with np.load(path, allow_pickle=False) as data:
     landmarks = {k: data[k] for k in data.files}
   return SkippingLoader(lambda i, rng: load_monocular(root, uids[i], landmarks,
-                                                      synth_focal, cfg), len(uids))
+                                                      synth_focal, cfg, rng), len(uids))
 
 
 def make_dataset(loader: SkippingLoader, batch_size: int, seed: int,

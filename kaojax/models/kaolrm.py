@@ -315,6 +315,12 @@ class KaoLRM(nnx.Module):
     return out, self.render(out, viewmats, Ks, render_size, render_size, background,
                             mesh=mesh, tiling=tiling)
 
+  def facial_mask(self, mesh_render: dict):
+    """[B, V, H, W] bool: the pixels of a mesh render (`render(...)["mesh"]`) whose
+    triangle lies in FLAME's facial region (`FlameModel.face_mask`): the reference's
+    `flame_mask`, where the pixel and binding losses are taken."""
+    return self.flame_model.face_mask[mesh_render["face_id"]] & mesh_render["mask"]
+
 
 def project_landmarks(landmarks, viewmats, Ks):
   """landmarks [B, 68, 3] world, viewmats [B, V, 4, 4], Ks [B, V, 3, 3]
@@ -323,18 +329,20 @@ def project_landmarks(landmarks, viewmats, Ks):
   return pixels
 
 
-def nearest_gaussians(gaussians: Gaussians, camera_center, keep: int) -> Gaussians:
-  """The `keep` Gaussians nearest to camera_center [B, 3]."""
-  dist = jnp.sum((gaussians.means - camera_center[:, None]) ** 2, -1)
-  _, idx = jax.lax.top_k(-dist, keep)
+def nearest_gaussians(gaussians: Gaussians, viewmat, keep: int) -> Gaussians:
+  """The `keep` Gaussians of smallest depth along the camera's viewing axis
+  (world-to-camera viewmat [B, 4, 4]); for the canonical camera, those of largest
+  world z, as the reference's monocular back-face culling keeps them."""
+  depth = (jnp.einsum("bj,bnj->bn", viewmat[:, 2, :3], gaussians.means)
+           + viewmat[:, 2, 3][:, None])
+  _, idx = jax.lax.top_k(-depth, keep)
   take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), 1)
   return jax.tree.map(take, gaussians)
 
 
 def monocular_gaussians(out: KaoLRMOutput, viewmats) -> KaoLRMOutput:
   """KaoLRM's monocular mode: `out` with only its int(N / MONOCULAR_KEEP_DIVISOR)
-  Gaussians nearest the (single) camera, viewmats [B, 1, 4, 4]; face_idx / bary are
-  left for all N samples."""
+  Gaussians nearest the (single) camera in depth, viewmats [B, 1, 4, 4]; face_idx /
+  bary are left for all N samples."""
   keep = int(out.gaussians.means.shape[1] / MONOCULAR_KEEP_DIVISOR)
-  return out.replace(gaussians=nearest_gaussians(
-      out.gaussians, geometry.camera_centers(viewmats[:, 0]), keep))
+  return out.replace(gaussians=nearest_gaussians(out.gaussians, viewmats[:, 0], keep))

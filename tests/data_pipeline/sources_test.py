@@ -212,13 +212,22 @@ def test_monocular_images_are_prepared_as_the_reference_does(tmp_path):
   layout.write_monocular_sample(tmp_path, "a", rng.uniform(size=(40, 40, 4)),
                                 rng.uniform(size=(40, 40)) > 0.5)
   layout.write_monocular_landmarks(tmp_path, {"a": np.full((68, 2), 12.0)})
-  sample = sources.monocular_loader(tmp_path, "train", 4.0, CFG)(0, np.random.default_rng(0))
+  seed = 5
+  sample = sources.monocular_loader(tmp_path, "train", 4.0, CFG)(0, np.random.default_rng(seed))
+  background = float(np.random.default_rng(seed).choice(sources.BACKGROUNDS))
+  assert float(sample["background"][0]) == background
   rgba_u8 = np.array(Image.open(tmp_path / "rgba" / "a.png"))[None]
-  rgb, alpha = _reference_views(rgba_u8, CFG.render_size, 1.0)
+  rgb, alpha = _reference_views(rgba_u8, CFG.render_size, background)
   np.testing.assert_allclose(sample["target_rgb"], rgb, atol=2e-6)
   np.testing.assert_allclose(sample["target_alpha"], alpha, atol=2e-6)
   source, _ = _reference_views(rgba_u8, CFG.source_size, 1.0)
   np.testing.assert_allclose(sample["source"], source[0], atol=2e-6)
+  # The facial mask as the reference's monocular dataset makes it: the PNG's raw 0-255
+  # values, bicubic-resized, > 0.5.
+  mask = torch.from_numpy(np.array(Image.open(tmp_path / "mask" / "a.png"))).float()
+  want = torch.nn.functional.interpolate(mask[None, None], size=(16, 16), mode="bicubic",
+                                         align_corners=True)[0] > 0.5
+  np.testing.assert_array_equal(sample["face_mask"], want.numpy())
 
 
 def test_premultiplied_resize_is_resize_of_the_composite():

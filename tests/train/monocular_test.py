@@ -43,13 +43,17 @@ def test_monocular_forward_renders_only_the_gaussians_nearest_the_camera():
   keep = int(n / MONOCULAR_KEEP_DIVISOR)
   assert keep == int(n / 1.8)   # the reference's divisor
   assert out.gaussians.means.shape == (2, keep, 3)
-  centre = np.linalg.inv(np.asarray(batch.viewmats[:, 0]))[:, :3, 3]
-  dist_all = np.linalg.norm(np.asarray(everything.gaussians.means) - centre[:, None], axis=-1)
-  dist_kept = np.linalg.norm(np.asarray(out.gaussians.means) - centre[:, None], axis=-1)
-  np.testing.assert_allclose(np.sort(dist_kept, 1), np.sort(dist_all, 1)[:, :keep], atol=1e-5)
+  # The kept Gaussians are those of smallest depth along the camera's viewing axis
+  # (for the canonical camera: the reference's largest world z).
+  viewmats = np.asarray(batch.viewmats[:, 0])
+  camera_z = np.linalg.inv(viewmats)[:, :3, 2]   # the camera's viewing axis in the world
+  depth_all = np.einsum("bj,bnj->bn", camera_z, np.asarray(everything.gaussians.means))
+  depth_kept = np.einsum("bj,bnj->bn", camera_z, np.asarray(out.gaussians.means))
+  np.testing.assert_allclose(np.sort(depth_kept, 1), np.sort(depth_all, 1)[:, :keep],
+                             atol=1e-5)
   # every attribute travels with its centre
   for b in range(2):
-    index = [int(np.argmin(np.abs(dist_all[b] - d))) for d in dist_kept[b]]
+    index = [int(np.argmin(np.abs(depth_all[b] - d))) for d in depth_kept[b]]
     np.testing.assert_allclose(out.gaussians.colors[b], everything.gaussians.colors[b, index],
                                atol=1e-6)
   # and the renders are those of the kept Gaussians
@@ -63,6 +67,21 @@ def test_monocular_forward_renders_only_the_gaussians_nearest_the_camera():
   multi = KaoLRM.abstract(kaolrm_config("tiny", num_samples=n), make_synthetic_flame())
   out_multi, _ = nnx.eval_shape(lambda m: _forward_and_render(m, batch, key), multi)
   assert out_multi.gaussians.means.shape == (2, n, 3)
+
+
+def test_canonical_camera_keeps_the_largest_z_as_the_reference():
+  """For the canonical camera (the monocular setting) the depth ranking is the
+  reference's: the Gaussians of largest world z."""
+  from data_pipeline.sources import CANONICAL_C2W
+  from kaojax.models.kaolrm import nearest_gaussians
+  from kaojax.render.gaussians import Gaussians
+  rng = np.random.default_rng(0)
+  means = rng.normal(scale=0.3, size=(1, 50, 3)).astype(np.float32)
+  g = Gaussians(means=means, quats=np.tile([1.0, 0, 0, 0], (1, 50, 1)),
+                scales=np.ones((1, 50, 3)), opacities=np.ones((1, 50)), colors=means)
+  kept = nearest_gaussians(g, np.linalg.inv(CANONICAL_C2W)[None].astype(np.float32), 20)
+  np.testing.assert_allclose(np.sort(np.asarray(kept.means)[0, :, 2]),
+                             np.sort(means[0, :, 2])[-20:], atol=1e-6)
 
 
 def test_finetune_mono_tiny_trains_end_to_end(tmp_path):
