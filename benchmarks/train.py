@@ -5,7 +5,7 @@ FLOPs per step (XLA's count) and the rate achieved, with model FLOP utilisation 
 GPU of known peak.
 
     python benchmarks/train.py [--quick] [--presets tiny,base] [--remat] [--batch N]
-                               [--attention-chunk N]
+                               [--attention-chunk N] [--dtype bfloat16]
 
 --quick: the tiny preset only. --remat: rematerialise the transformer and encoder
 blocks (config.model.remat) to trade compute for memory. --attention-chunk: the
@@ -60,10 +60,16 @@ def model_flops(cfg, flame, tx, weights, tiling, state, batch, key):
                        state, batch, key)
 
 
-def measure(preset, repeats, remat=False, attention_chunk=512, batch_size=None):
+def measure(preset, repeats, remat=False, attention_chunk=512, batch_size=None, dtype=None,
+            stages=(1, 2), network=True):
+  """Step times of `stages` (stage 2: with XLA's FLOP count and, on a GPU of known
+  peak, MFU against the peak of the compute dtype), and with `network` the network's
+  own forward+backward. dtype: config.model.dtype (None: the run config's, float32)."""
   config = run_config(preset)
   config.model.remat = remat
   config.model.attention_chunk = attention_chunk
+  if dtype:
+    config.model.dtype = dtype
   batch_size = batch_size or config.batch_size
   views, source, render = (config.data.num_views, config.data.source_size,
                            config.data.render_size)
@@ -75,21 +81,31 @@ def measure(preset, repeats, remat=False, attention_chunk=512, batch_size=None):
   graphdef, state = create_state(model, tx)
   batch = random_batch(batch_size, views, source, render)
   key = jax.random.key(0)
-  result = {"batch": batch_size}
-  for stage in (1, 2):
+  result = {"batch": batch_size, "dtype": config.model.dtype}
+  for stage in stages:
     weights = losses.stage_weights(stage, overrides={"lpips": 0})
     step = jax.jit(make_train_step(graphdef, tx, weights, 0.75, tiling))
     seconds = best_time(lambda: jax.block_until_ready(step(state, batch, key)[1]["loss"]),
                         repeats)
     result[f"stage{stage}_step_s"] = seconds
     result[f"stage{stage}_examples_per_s"] = batch_size / seconds
-  flops = model_flops(cfg, flame, tx, weights, tiling, state, batch, key)
+  flops = (model_flops(cfg, flame, tx, weights, tiling, state, batch, key)
+           if "stage2_step_s" in result else None)
   if flops:
     result["stage2_model_gflop_per_step"] = flops / 1e9
     result["stage2_gflops_achieved"] = flops / result["stage2_step_s"] / 1e9
-    peak = peak_flops("float32")
+    peak = peak_flops("bfloat16" if config.model.dtype == "bfloat16" else "float32")
     if peak:
+      result["peak_tflops"] = peak / 1e12
       result["stage2_mfu"] = flops / result["stage2_step_s"] / peak
+  if network:
+    _measure_network(result, graphdef, state, batch, key, repeats)
+  _report(preset, result, views, render, samples)
+  return result
+
+
+def _measure_network(result, graphdef, state, batch, key, repeats):
+  """The network's own forward+backward (no renderers, no losses) in the same run."""
 
   def network_only(params, rest):
     m = nnx.merge(graphdef, params, rest)
@@ -99,16 +115,25 @@ def measure(preset, repeats, remat=False, attention_chunk=512, batch_size=None):
   net = jax.jit(jax.grad(network_only))
   result["network_fwd_bwd_s"] = best_time(
       lambda: jax.block_until_ready(net(state.params, state.rest)), repeats)
-  result["stage2_over_network"] = result["stage2_step_s"] / result["network_fwd_bwd_s"]
-  print(f"{preset:>5}: batch {batch_size} x {views} views, render {render}px, "
-        f"{samples} surfels | stage I {result['stage1_step_s']:.3f} s/step, stage II "
-        f"{result['stage2_step_s']:.3f} s/step ({result['stage2_examples_per_s']:.2f} "
-        f"examples/s) | network alone {result['network_fwd_bwd_s']:.3f} s "
-        f"-> step / network x{result['stage2_over_network']:.1f}"
-        + (f" | {result['stage2_gflops_achieved']:.3g} GFLOP/s achieved"
-           if "stage2_gflops_achieved" in result else "")
-        + (f", MFU {result['stage2_mfu']:.1%}" if "stage2_mfu" in result else ""))
-  return result
+  if "stage2_step_s" in result:
+    result["stage2_over_network"] = result["stage2_step_s"] / result["network_fwd_bwd_s"]
+
+
+def _report(preset, result, views, render, samples):
+  parts = [f"{preset:>5}: batch {result['batch']} x {views} views, render {render}px, "
+           f"{samples} surfels, {result['dtype']}"]
+  for stage, name in ((1, "I"), (2, "II")):
+    if f"stage{stage}_step_s" in result:
+      parts.append(f"stage {name} {result[f'stage{stage}_step_s']:.3f} s/step "
+                   f"({result[f'stage{stage}_examples_per_s']:.2f} examples/s)")
+  if "network_fwd_bwd_s" in result:
+    parts.append(f"network alone {result['network_fwd_bwd_s']:.3f} s"
+                 + (f" -> step / network x{result['stage2_over_network']:.1f}"
+                    if "stage2_over_network" in result else ""))
+  if "stage2_gflops_achieved" in result:
+    parts.append(f"{result['stage2_gflops_achieved']:.3g} GFLOP/s achieved"
+                 + (f", MFU {result['stage2_mfu']:.1%}" if "stage2_mfu" in result else ""))
+  print(" | ".join(parts), flush=True)
 
 
 def peak_memory_gib():
@@ -131,18 +156,20 @@ def main():
                       "on a GPU)")
   parser.add_argument("--attention-chunk", type=int, default=512,
                       help="config.model.attention_chunk (0: one block)")
+  parser.add_argument("--dtype", default=None,
+                      help="config.model.dtype, e.g. bfloat16 (default: the config's, float32)")
   args = parser.parse_args()
   presets = ["tiny"] if args.quick else args.presets.split(",")
   on_cpu = jax.default_backend() == "cpu"
   results = {p: measure(p, args.repeats if p == "tiny" or not on_cpu else 1, args.remat,
                         args.attention_chunk, args.batch or (None if p == "tiny" or on_cpu
-                                                             else 16))
+                                                             else 16), args.dtype)
              for p in presets}
   print(json.dumps({"benchmark": "kaolrm_train_step", "device": jax.devices()[0].platform,
                     "remat": args.remat, "attention_chunk": args.attention_chunk,
                     "peak_memory_gib": round(peak_memory_gib(), 2),
-                    **{f"{p}_{k}": round(v, 4) for p, r in results.items()
-                       for k, v in r.items()}}))
+                    **{f"{p}_{k}": round(v, 4) if isinstance(v, float) else v
+                       for p, r in results.items() for k, v in r.items()}}))
 
 
 if __name__ == "__main__":

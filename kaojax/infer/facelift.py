@@ -301,9 +301,20 @@ def generate_views(models: FaceLiftModels, image, cfg: FaceLiftConfig, key=None)
                             models.text_embeddings, noise, num_steps=cfg.num_steps,
                             eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                             scheduler=cfg.scheduler)
-  decoded = nnx.jit(lambda vae, z: vae.decode(z))(models.vae,
-                                                 latents / models.vae.cfg.scaling_factor)
+  decoded = _decode(models.vae, latents / models.vae.cfg.scaling_factor)
   return jnp.clip(decoded / 2.0 + 0.5, 0.0, 1.0)
+
+
+# Module-level jitted calls (a jitted lambda made inside a function is a new function
+# at every call, compiled again for every image).
+@nnx.jit
+def _decode(vae, latents):
+  return vae.decode(latents)
+
+
+@nnx.jit
+def _gslrm_forward(gslrm, images, c2w, K):
+  return gslrm(images, c2w, K)
 
 
 # ----------------------------------------------------------------------------
@@ -315,7 +326,7 @@ def reconstruct(models: FaceLiftModels, views, size: Optional[int] = None):
   size = views.shape[1] if size is None else size
   c2w, K = facelift_cameras(size=size)
   c2w, K = c2w[:views.shape[0]], K[:views.shape[0]]
-  return nnx.jit(lambda m, *a: m(*a))(models.gslrm, views[None], c2w[None], K[None])
+  return _gslrm_forward(models.gslrm, views[None], c2w[None], K[None])
 
 
 def render(gaussians, c2w, K, size: int):

@@ -52,3 +52,26 @@ def add_splats_behind_camera(g, viewmat, count=2):
                                extra[k].astype(np.asarray(getattr(g, k)).dtype)], 0)
             for k in extra}
   return Gaussians(**fields)
+
+
+def uv_sphere(radius=0.8, resolution=24):
+  """Open3D's `TriangleMesh.create_sphere(radius, resolution)` in numpy, vertex for
+  vertex and face for face (2 poles + resolution - 1 rings of 2 * resolution vertices;
+  resolution 24: 1,106 vertices, 2,208 faces), so that tests which need only a mesh
+  do not need open3d. Returns vertices [V, 3] float32, faces [F, 3] int32."""
+  r, step = resolution, np.pi / resolution
+  ring = np.arange(2 * r)
+  alpha = step * np.arange(1, r)[:, None]
+  theta = step * ring[None, :]
+  rings = np.stack([np.sin(alpha) * np.cos(theta), np.sin(alpha) * np.sin(theta),
+                    np.broadcast_to(np.cos(alpha), (r - 1, 2 * r))], -1).reshape(-1, 3)
+  verts = np.concatenate([[[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]], rings]) * radius
+  nxt = (ring + 1) % (2 * r)
+  last = 2 + 2 * r * (r - 2)
+  caps = np.stack([np.stack([np.zeros_like(ring), 2 + ring, 2 + nxt], -1),
+                   np.stack([np.ones_like(ring), last + nxt, last + ring], -1)], 1).reshape(-1, 3)
+  b1 = (2 + 2 * r * np.arange(r - 2))[:, None]
+  b2 = b1 + 2 * r
+  quads = np.stack([np.stack([b2 + ring, b1 + nxt, b1 + ring], -1),
+                    np.stack([b2 + ring, b2 + nxt, b1 + nxt], -1)], 2).reshape(-1, 3)
+  return verts.astype(np.float32), np.concatenate([caps, quads]).astype(np.int32)

@@ -9,17 +9,51 @@ collectives are inserted around them.
 """
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import config as jax_config
-from jax._src import custom_partitioning_sharding_rule as sdy
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
 from kaojax.render import tiles
 from kaojax.render.tiles import TileGrid
+
+log = logging.getLogger("kaojax.render")
+
+# JAX's Shardy (sdy) MLIR bindings and private helpers move between releases (the
+# supported range is jax>=0.10.2,<0.12). Nothing here is imported from jax._src at
+# module import time; each lookup tries the public spelling first and falls back,
+# so an API move degrades one feature (the sharding rule) instead of the import.
+try:
+  from jaxlib.mlir.dialects import sdy as _sdy_dialect   # the bindings jax itself uses
+except ImportError:  # pragma: no cover - every supported jaxlib has them
+  _sdy_dialect = None
+
+
+def _use_shardy() -> bool:
+  """Whether jit partitions with Shardy (the default since JAX 0.7)."""
+  try:
+    return bool(jax.config.jax_use_shardy_partitioner)
+  except AttributeError:
+    pass
+  try:
+    from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
+    return bool(jax_config.use_shardy_partitioner.value)
+  except (ImportError, AttributeError):
+    return True
+
+
+def _shaped_array():
+  """jax.core.ShapedArray, wherever this JAX keeps it."""
+  found = getattr(jax.core, "ShapedArray", None)
+  if found is None:  # pragma: no cover - moved in a later JAX
+    from jax._src.core import ShapedArray as found  # pylint: disable=g-import-not-at-top
+  return found
+
+
+_ShapedArray = _shaped_array()
 
 # One primitive for every kernel: `target` names the FFI handler, `outputs`
 # the per-view result (shape, dtype) pairs, `view_rank` the per-view rank of
@@ -31,7 +65,7 @@ ffi_call_p.multiple_results = True
 
 def _abstract_eval(*args, target, outputs, view_rank, attrs):
   batch = args[0].shape[:args[0].ndim - view_rank]
-  return [jax.core.ShapedArray(batch + shape, dtype) for shape, dtype in outputs]
+  return [_ShapedArray(batch + shape, dtype) for shape, dtype in outputs]
 
 
 def _batch_rule(args, dims, **params):
@@ -41,16 +75,60 @@ def _batch_rule(args, dims, **params):
   return ffi_call_p.bind(*front, **params), [0] * len(params["outputs"])
 
 
+def _sharding_rule_sdy(operand_types, result_types, num_batch):
+  """`_sharding_rule`'s rule built with the sdy dialect's bindings: factors 0..num_batch-1
+  are the shared leading axes, then one factor per remaining axis of each value."""
+  sizes = list(mlir.ir.RankedTensorType(operand_types[0]).shape[:num_batch])
+  mappings = []
+  for t in list(operand_types) + list(result_types):
+    shape = mlir.ir.RankedTensorType(t).shape
+    dims = [[i] for i in range(num_batch)]
+    for d in shape[num_batch:]:
+      dims.append([len(sizes)])
+      sizes.append(d)
+    mappings.append(_sdy_dialect.TensorMappingAttr.get(
+        dim_mappings=[_sdy_dialect.DimMappingAttr.get(factor_indices=f) for f in dims]))
+  n = len(operand_types)
+  return _sdy_dialect.OpShardingRuleAttr.get(
+      factor_sizes=sizes, operand_mappings=mappings[:n], result_mappings=mappings[n:],
+      is_custom=True)
+
+
+def _sharding_rule_jax(operand_types, result_types, num_batch):
+  """The same rule through JAX's private einsum-like rule parser (fallback)."""
+  from jax._src import custom_partitioning_sharding_rule as sdy  # pylint: disable=g-import-not-at-top
+  letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+  def spec(t):
+    rank = mlir.ir.RankedTensorType(t).rank
+    return " ".join(["..."] + [next(letters) for _ in range(rank - num_batch)])
+  rule = sdy.str_to_sdy_sharding_rule(", ".join(spec(t) for t in operand_types) + " -> "
+                                      + ", ".join(spec(t) for t in result_types))
+  return sdy.sdy_sharding_rule_to_mlir(rule, list(operand_types), list(result_types))
+
+
+_RULE_BUILDERS = (_sharding_rule_sdy, _sharding_rule_jax)
+_warned_no_rule = []
+
+
 def _sharding_rule(ctx, num_batch):
   """Shardy rule: every operand and result shares the leading `num_batch` axes;
-  the per-view axes are independent factors."""
-  letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-  def spec(aval):
-    return " ".join(["..."] + [next(letters) for _ in range(aval.ndim - num_batch)])
-  rule = sdy.str_to_sdy_sharding_rule(
-      ", ".join(spec(a) for a in ctx.avals_in) + " -> " + ", ".join(spec(a) for a in ctx.avals_out))
-  return sdy.sdy_sharding_rule_to_mlir(rule, [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_in],
-                                       [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_out])
+  the per-view axes are independent factors. None (with one warning) where no
+  builder works on this JAX: the call is then lowered without a rule, which stays
+  correct but lets a sharded jit gather the views around it."""
+  operand_types = [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_in]
+  result_types = [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_out]
+  errors = []
+  for build in _RULE_BUILDERS:
+    try:
+      return build(operand_types, result_types, num_batch)
+    except Exception as e:  # pylint: disable=broad-except  (an API moved: try the next)
+      errors.append(f"{build.__name__}: {type(e).__name__}: {e}")
+  if not _warned_no_rule:
+    _warned_no_rule.append(True)
+    log.warning("kaojax.render.native: no Shardy sharding rule could be built on jax %s "
+                "(%s); native calls are lowered without one (correct, but a sharded jit "
+                "may gather the views)", jax.__version__, "; ".join(errors))
+  return None
 
 
 def _lowering(ctx, *args, target, outputs, view_rank, attrs):
@@ -58,10 +136,11 @@ def _lowering(ctx, *args, target, outputs, view_rank, attrs):
   extra = None
   if num_batch:
     extra = {"mhlo.frontend_attributes": mlir.ir_attribute({"num_batch_dims": str(num_batch)})}
-    if jax_config.use_shardy_partitioner.value:
-      extra["sdy.sharding_rule"] = _sharding_rule(ctx, num_batch)
-  rule = jax.ffi.ffi_lowering(target, extra_attributes=extra)
-  return rule(ctx, *args, **{name: np.int32(value) for name, value in attrs})
+    sharding_rule = _sharding_rule(ctx, num_batch) if _use_shardy() else None
+    if sharding_rule is not None:
+      extra["sdy.sharding_rule"] = sharding_rule
+  lower = jax.ffi.ffi_lowering(target, extra_attributes=extra)
+  return lower(ctx, *args, **{name: np.int32(value) for name, value in attrs})
 
 
 ffi_call_p.def_abstract_eval(_abstract_eval)
