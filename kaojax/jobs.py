@@ -6,6 +6,7 @@ import pathlib
 # job name -> "module:function" taking (config, workdir).
 JOBS = {
     "flame_demo": "kaojax.flame.demo:run",
+    "infer_kaolrm": "kaojax.infer.kaolrm:run",
     "train": "kaojax.train.loop:train_and_evaluate",
 }
 

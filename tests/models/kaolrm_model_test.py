@@ -72,13 +72,13 @@ def test_forward_wiring(setup, flame):
   np.testing.assert_array_equal(again.gaussians.means, out.gaussians.means)
   assert not np.allclose(other.gaussians.means, out.gaussians.means)
   np.testing.assert_array_equal(other.vertices, out.vertices)
-  # Monocular selection keeps the Gaussians nearest the camera.
-  centre = jnp.array([[0.0, 0.0, 2.0]] * 2)
-  kept = nearest_gaussians(out.gaussians, centre, int(n / 1.8))
-  d_all = np.linalg.norm(np.asarray(out.gaussians.means) - np.asarray(centre)[:, None], axis=-1)
-  d_kept = np.linalg.norm(np.asarray(kept.means) - np.asarray(centre)[:, None], axis=-1)
+  # Monocular selection keeps the Gaussians nearest the camera in depth: for the
+  # canonical camera at (0, 0, 2) looking down -z, those of largest z (the reference's).
+  viewmats, _ = _front_camera(8)
+  kept = nearest_gaussians(out.gaussians, viewmats[:, 0], int(n / 1.8))
+  z_all, z_kept = np.asarray(out.gaussians.means)[..., 2], np.asarray(kept.means)[..., 2]
   assert kept.means.shape[1] == int(n / 1.8)
-  np.testing.assert_allclose(np.sort(d_kept, 1), np.sort(d_all, 1)[:, :int(n / 1.8)], atol=1e-6)
+  np.testing.assert_allclose(np.sort(z_kept, 1), np.sort(z_all, 1)[:, -int(n / 1.8):], atol=1e-6)
 
 
 def _front_camera(size, batch=2):
