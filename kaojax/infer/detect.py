@@ -31,7 +31,6 @@ torch).
 """
 
 import functools
-import math
 from typing import Optional
 
 import jax

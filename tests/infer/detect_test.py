@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from PIL import Image
 
 from kaojax.infer import detect, mtcnn_weights
+from tests.infer.photos import group_photo, lfw_grid, rgb
 
 PROB = 0.8  # faces compared: probability above this
 
@@ -110,41 +110,11 @@ def _reference_detect(net, image):
 # ------------------------------------------------------------------------- photos
 
 
-def _resize(a, s):
-  size = (round(a.shape[1] * s), round(a.shape[0] * s))
-  return np.asarray(Image.fromarray(a).resize(size, Image.BICUBIC))
-
-
-def _rgb(gray):
-  return np.repeat(gray[..., None], 3, -1)
-
-
-def _canvas():
-  ast, cam = skimage.data.astronaut(), _rgb(skimage.data.camera())
-  canvas = np.full((560, 960, 3), 200, np.uint8)
-  canvas[20:532, 20:532] = ast
-  for img, s, (y, x) in [(cam, 0.55, (10, 620)), (ast, 0.3, (300, 560)),
-                         (np.ascontiguousarray(ast[:, ::-1]), 0.18, (460, 820))]:
-    small = _resize(img, s)
-    canvas[y:y + small.shape[0], x:x + small.shape[1]] = small
-  return canvas
-
-
-def _lfw_grid():
-  faces = skimage.data.lfw_subset()  # [200, 25, 25] float in [0, 1], 100 faces first
-  grid = np.full((260, 520), 128, np.uint8)
-  for i in range(8):
-    face = _resize((faces[i] * 255).round().astype(np.uint8), 4.0)
-    r, c = divmod(i, 4)
-    grid[r * 130 + 15:r * 130 + 115, c * 130 + 15:c * 130 + 115] = face
-  return _rgb(grid)
-
-
 PHOTOS = {
     "astronaut": (skimage.data.astronaut, 1),
-    "camera": (lambda: _rgb(skimage.data.camera()), 1),
-    "canvas": (_canvas, 4),
-    "lfw_grid": (_lfw_grid, 8),
+    "camera": (lambda: rgb(skimage.data.camera()), 1),
+    "canvas": (group_photo, 4),
+    "lfw_grid": (lfw_grid, 8),
 }
 NO_FACE = {"chelsea": skimage.data.chelsea, "coffee": skimage.data.coffee}
 

@@ -24,31 +24,13 @@ from kaojax.export.obj import read_obj
 from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.infer import crops
 from kaojax.infer import kaolrm as infer
+from tests.infer.photos import group_photo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARAM_SHAPES = {"shape": (100,), "expression": (50,), "pose": (6,), "scale": (1,),
                 "translation": (3,), "box": (4,), "score": (), "landmarks5": (5, 2),
                 "crop_transform": (2, 3), "landmarks3d": (68, 3), "landmarks2d": (68, 2),
                 "lmk7": (7, 3)}
-
-
-def _resize(a, s):
-  size = (round(a.shape[1] * s), round(a.shape[0] * s))
-  return np.asarray(Image.fromarray(a).resize(size, Image.BICUBIC))
-
-
-def group_photo():
-  """Four faces (as tests/infer/detect_test.py's 'canvas'): the astronaut, the
-  cameraman at 0.55, the astronaut at 0.3 and mirrored at 0.18."""
-  ast = skimage.data.astronaut()
-  cam = np.repeat(skimage.data.camera()[..., None], 3, -1)
-  canvas = np.full((560, 960, 3), 200, np.uint8)
-  canvas[20:532, 20:532] = ast
-  for img, s, (y, x) in [(cam, 0.55, (10, 620)), (ast, 0.3, (300, 560)),
-                         (np.ascontiguousarray(ast[:, ::-1]), 0.18, (460, 820))]:
-    small = _resize(img, s)
-    canvas[y:y + small.shape[0], x:x + small.shape[1]] = small
-  return canvas
 
 
 EXPECTED = {"astronaut.jpg": "ok", "group.png": "ok", "cat.jpg": "no_face",
