@@ -4,15 +4,19 @@ import numpy as np
 import pytest
 
 from kaojax.export.obj import write_obj
-from kaojax.export.ply import write_gaussian_ply
+from kaojax.export.ply import write_gaussian_ply, write_mesh_ply
 
 
-def test_obj_refuses_nonfinite_vertices(tmp_path):
+def test_mesh_writers_refuse_nonfinite_vertices(tmp_path):
   vertices = np.zeros((3, 3))
   vertices[1, 2] = np.nan
   with pytest.raises(ValueError, match="NaN or infinite"):
     write_obj(tmp_path / "mesh.obj", vertices, np.array([[0, 1, 2]]))
-  assert not (tmp_path / "mesh.obj").exists()
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    write_mesh_ply(tmp_path / "mesh.ply", vertices, np.array([[0, 1, 2]]))
+  with pytest.raises(ValueError, match="indices below 3"):
+    write_mesh_ply(tmp_path / "mesh.ply", np.zeros((3, 3)), np.array([[0, 1, 3]]))
+  assert not (tmp_path / "mesh.obj").exists() and not (tmp_path / "mesh.ply").exists()
 
 
 @pytest.mark.parametrize("field", ["means", "scales", "opacities", "colors"])

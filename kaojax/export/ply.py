@@ -149,3 +149,23 @@ def write_gslrm_ply(path, output, index: int = 0, mask: Optional[np.ndarray] = N
   return write_gaussian_ply(path, take(output.xyz), take(output.scales),
                             take(output.rotations), take(output.opacities),
                             f_dc=take(output.f_dc))
+
+
+def write_mesh_ply(path, vertices, faces) -> pathlib.Path:
+  """A triangle mesh as a binary PLY (vertex x, y, z float32; face vertex_indices),
+  the layout trimesh writes and reads. vertices [V, 3], faces [F, 3] (0-based)."""
+  path = pathlib.Path(path)
+  vertices = _rows(vertices, 3, "vertices")
+  faces = np.asarray(faces, np.int64)
+  if faces.ndim != 2 or faces.shape[1] != 3 or faces.size and (
+      faces.min() < 0 or faces.max() >= len(vertices)):
+    raise ValueError(f"faces must be [F, 3] indices below {len(vertices)}, got {faces.shape}")
+  vertex = np.empty(len(vertices), [("x", "<f4"), ("y", "<f4"), ("z", "<f4")])
+  for i, axis in enumerate("xyz"):
+    vertex[axis] = vertices[:, i]
+  face = np.empty(len(faces), [("vertex_indices", "i4", (3,))])
+  face["vertex_indices"] = faces
+  path.parent.mkdir(parents=True, exist_ok=True)
+  plyfile.PlyData([plyfile.PlyElement.describe(vertex, "vertex"),
+                   plyfile.PlyElement.describe(face, "face")]).write(str(path))
+  return path

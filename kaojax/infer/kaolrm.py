@@ -29,6 +29,10 @@ path when two inputs share a stem):
   lmk7.npy         [7, 3] NoW's landmarks of the neutral mesh: FLAME's landmarks3d at
                    iBUG 36, 39, 42, 45, 33, 48, 54.
   vis.png          input crop | surfel render | shaded mesh normals (render_size each).
+  reference/       the reference inference's exports, for one-to-one comparisons:
+                   mesh.ply (the posed mesh scaled by synth_focal / 0.75, as the
+                   reference writes it), mesh_shape.npy, mesh_expression.npy,
+                   mesh_pose.npy, mesh_lmks.npy (the 68 3D landmarks, same scaling).
 Face folders are written under a temporary name and renamed when complete.
 
 OUT/results.jsonl: one JSON object per processed photo: input (absolute path), name,
@@ -66,9 +70,11 @@ from tqdm import tqdm
 
 from data_pipeline.sources import CANONICAL_C2W, source_camera_vector
 from kaojax.export.obj import write_obj
+from kaojax.export.ply import write_mesh_ply
 from kaojax.flame.demo import shade
 from kaojax.flame.io import load_flame
 from kaojax.flame.synthetic import make_synthetic_flame
+from kaojax.geometry.cameras import SOURCE_FOCAL
 from kaojax.images import prepare_source_image
 from kaojax.infer import crops, detect, inputs
 from kaojax.models import loading
@@ -309,6 +315,19 @@ def face_params(face: Face, photo: Photo, crop_kind: str, crop_size: int,
   }
 
 
+def write_reference_outputs(folder: pathlib.Path, result: dict, faces_array,
+                            synth_focal: float):
+  """The files KaoLRM's reference inference writes for a face: its mesh and 68 3D
+  landmarks scaled by synth_focal / SOURCE_FOCAL (its "align with gt mesh scale"), and
+  the raw FLAME parameters."""
+  to_reference = synth_focal / SOURCE_FOCAL
+  write_mesh_ply(folder / "mesh.ply", result["vertices"] * to_reference, faces_array)
+  for key in ("shape", "expression", "pose"):
+    np.save(folder / f"mesh_{key}.npy", np.asarray(result[key], np.float32))
+  np.save(folder / "mesh_lmks.npy",
+          (result["landmarks3d"] * to_reference).astype(np.float32))
+
+
 def _all_finite(photo: Photo) -> Optional[str]:
   for face in photo.faces:
     for key, value in face.result.items():
@@ -339,6 +358,7 @@ def write_photo(photo: Photo, workdir: pathlib.Path, faces_mode: str, faces_arra
       write_obj(folder / "mesh.obj", r["vertices"], faces_array)
       write_obj(folder / "mesh_neutral.obj", r["neutral_vertices"], faces_array)
       np.save(folder / "lmk7.npy", r["lmk7"].astype(np.float32))
+      write_reference_outputs(folder / "reference", r, faces_array, synth_focal)
       if visualize:
         Image.fromarray(visualization(face, render_size)).save(folder / "vis.png")
       folders.append(str(pathlib.Path(photo.name) / sub) if sub else photo.name)

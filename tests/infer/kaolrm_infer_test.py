@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import plyfile
 import pytest
 import skimage.data
 from PIL import Image
@@ -93,7 +94,7 @@ def test_face_outputs(photos, run_cli):
   for name in ("astronaut", "group", "grey", "rgba"):
     folder = run_cli / name
     assert sorted(p.name for p in folder.iterdir()) == [
-        "lmk7.npy", "mesh.obj", "mesh_neutral.obj", "params.npz", "vis.png"]
+        "lmk7.npy", "mesh.obj", "mesh_neutral.obj", "params.npz", "reference", "vis.png"]
     params = np.load(folder / "params.npz")
     for key, shape in PARAM_SHAPES.items():
       assert params[key].shape == shape, key
@@ -115,6 +116,18 @@ def test_face_outputs(photos, run_cli):
         list(infer.NOW_LANDMARKS)], atol=1e-5)
     vis = np.asarray(Image.open(folder / "vis.png"))
     assert vis.shape == (64, 3 * 64, 3)
+    # The reference inference's files: mesh and landmarks scaled by synth_focal / 0.75
+    # (here 0.75: unscaled), raw parameters.
+    ref = folder / "reference"
+    to_reference = float(params["synth_focal"]) / 0.75
+    ply = plyfile.PlyData.read(str(ref / "mesh.ply"))
+    ply_verts = np.stack([ply["vertex"][a] for a in "xyz"], -1)
+    np.testing.assert_allclose(ply_verts, verts * to_reference, atol=1e-5)
+    np.testing.assert_array_equal(np.stack(ply["face"]["vertex_indices"]), faces)
+    for key in ("shape", "expression", "pose"):
+      np.testing.assert_array_equal(np.load(ref / f"mesh_{key}.npy"), params[key])
+    np.testing.assert_allclose(np.load(ref / "mesh_lmks.npy"),
+                               params["landmarks3d"] * to_reference, atol=1e-6)
   # The box and landmarks are in photo pixels: the astronaut's face, and the crop
   # transform maps its landmarks inside the (square) crop.
   params = np.load(run_cli / "astronaut" / "params.npz")
