@@ -53,10 +53,11 @@ def loss_terms(model, out, renders, batch, terms, perceptual=None) -> dict:
     raise ValueError("the lpips term needs an LPIPS network (perceptual=...)")
   # Where the pixel and binding losses are taken, as in the reference: the dataset's
   # facial mask when it has one (monocular data), else the rendered FLAME facial region.
-  facial = lambda: (batch.face_mask if batch.face_mask is not None
-                    else model.facial_mask(mesh))
+  facial = None
+  if any(t in MESH_TERMS for t in terms):
+    facial = batch.face_mask if batch.face_mask is not None else model.facial_mask(mesh)
   pick = {
-      "pixel": lambda: losses.masked_pixel_mse(surfels["color"], batch.target_rgb, facial()),
+      "pixel": lambda: losses.masked_pixel_mse(surfels["color"], batch.target_rgb, facial),
       "dssim": lambda: losses.dssim(surfels["color"], batch.target_rgb),
       "lpips": lambda: losses.lpips_loss(perceptual, surfels["color"], batch.target_rgb),
       "landmark": lambda: losses.landmark_loss(
@@ -65,10 +66,9 @@ def loss_terms(model, out, renders, batch, terms, perceptual=None) -> dict:
       "shape_reg": lambda: losses.squared_norm(out.flame.shape),
       "expression_reg": lambda: losses.squared_norm(out.flame.expression),
       "mask": lambda: losses.mask_l1(surfels["alpha"], batch.target_alpha),
-      "depth_binding": lambda: losses.depth_binding(surfels["depth"], mesh["depth"],
-                                                    facial()),
+      "depth_binding": lambda: losses.depth_binding(surfels["depth"], mesh["depth"], facial),
       "normal_binding": lambda: losses.normal_binding(surfels["normal"], mesh["normal"],
-                                                      facial()),
+                                                      facial),
   }
   unknown = set(terms) - set(pick)
   if unknown:
