@@ -5,7 +5,9 @@ import pathlib
 
 # job name -> "module:function" taking (config, workdir).
 JOBS = {
+    "eval_now": "kaojax.evaluate.now_job:run",
     "flame_demo": "kaojax.flame.demo:run",
+    "infer_facelift": "kaojax.infer.facelift:run_job",
     "infer_kaolrm": "kaojax.infer.kaolrm:run",
     "train": "kaojax.train.loop:train_and_evaluate",
 }

@@ -169,3 +169,31 @@ def write_mesh_ply(path, vertices, faces) -> pathlib.Path:
   plyfile.PlyData([plyfile.PlyElement.describe(vertex, "vertex"),
                    plyfile.PlyElement.describe(face, "face")]).write(str(path))
   return path
+
+
+SURFEL_THICKNESS_RATIO = 1e-3
+MIN_SURFEL_SCALE = 1e-8
+
+
+def write_surfel_ply(path, gaussians) -> pathlib.Path:
+  """Write 2D Gaussian surfels (a `kaojax.render.Gaussians`, no batch axis: means
+  [N, 3], quats [N, 4] wxyz, scales [N, 3] of which the first two are used, opacities
+  [N], colors [N, 3] RGB in [0, 1]) as a standard 3DGS .ply (the layout of
+  `write_gaussian_ply`), so that 3DGS viewers show each surfel as a thin disc.
+
+  A surfel's two in-plane standard deviations are kept; its normal axis (the third
+  column of the quaternion's rotation, where 2DGS has no extent) gets
+  SURFEL_THICKNESS_RATIO (1e-3) times the larger in-plane one: thin enough that the
+  disc's 3D covariance R diag(s0^2, s1^2, s2^2) R^T is the surfel's tangent-plane
+  covariance up to a term a million times smaller, thick enough that the stored log
+  scale stays an ordinary float. Every scale is floored at MIN_SURFEL_SCALE (1e-8 m),
+  so a collapsed surfel (a scale activation underflowing to 0) keeps a finite log.
+  Colours are written as SH degree-0 coefficients, f_dc = (c - 0.5) / SH_C0."""
+  scales = np.asarray(gaussians.scales, np.float64)
+  if scales.ndim != 2 or scales.shape[1] != 3:
+    raise ValueError(f"gaussians.scales must be [N, 3] (no batch axis), got {scales.shape}")
+  in_plane = scales[:, :2]
+  thickness = SURFEL_THICKNESS_RATIO * np.max(in_plane, axis=1, keepdims=True)
+  disc = np.maximum(np.concatenate([in_plane, thickness], 1), MIN_SURFEL_SCALE)
+  return write_gaussian_ply(path, gaussians.means, disc, gaussians.quats,
+                            gaussians.opacities, colors=gaussians.colors)

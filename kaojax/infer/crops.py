@@ -27,6 +27,9 @@ Three crops:
     (default expand = SQUARE_EXPAND = 1.8: MTCNN boxes run from the brows to the
     chin, so 1.8x takes in the hair and ears). A documented choice, not measured
     against the training renders' face-size statistics.
+  * `full_transform`: no detection: the whole image, scaled so its longer side fills
+    the square and centred (white bars on the shorter side), for inputs that are
+    already face crops.
 """
 
 import numpy as np
@@ -65,6 +68,14 @@ def square_transform(box, size: int, expand: float = SQUARE_EXPAND) -> np.ndarra
   box = _box(box)
   side = expand * max(box[2] - box[0], box[3] - box[1])
   return _affine(size / side, np.eye(2), (box[:2] + box[2:]) / 2, (size / 2, size / 2))
+
+
+def full_transform(image_size, size: int) -> np.ndarray:
+  """The whole image (w, h) fitted into a size x size square, centred."""
+  w, h = (float(v) for v in image_size)
+  if not (w > 0 and h > 0):
+    raise ValueError(f"image size must be positive, got {image_size}")
+  return _affine(size / max(w, h), np.eye(2), (w / 2, h / 2), (size / 2, size / 2))
 
 
 def ffhq_quad(landmarks5):

@@ -13,12 +13,16 @@ Stages (S = image size, V = 6 views, f = VAE downsampling, all NHWC):
 3. GS-LRM on the V views at FaceLift's fixed cameras -> Gaussians, post-filter,
    .ply export, renders (white background) and a turntable.
 
-Not included: background removal and MTCNN face cropping (the input must already be
-the 512 x 512 FaceLift crop on white), and the text encoder (embeddings come from a
-file). `tiny_models` builds random-weight presets that run on CPU in seconds.
+The job `infer_facelift` (`run_job`, configs/infer_facelift.py) runs this on photos,
+folders and videos through `kaojax.infer.runner`: MTCNN and FaceLift's crop
+(`kaojax.infer.crops.facelift_transform`) first, a results.jsonl row per input.
+Not included: background removal (the reference's rembg weights cannot be fetched
+here; RGBA inputs are composited on white) and the text encoder (embeddings come from
+a file). `tiny_models` builds random-weight presets that run on CPU in seconds.
 """
 
 import dataclasses
+import json
 import pathlib
 from typing import Optional
 
@@ -30,6 +34,7 @@ from flax import nnx
 from kaojax.geometry.cameras import (FACELIFT_FOV_DEG, FACELIFT_RADIUS, facelift_cameras,
                                      intrinsics_from_fov, orbit_cameras)
 from kaojax.images import check_unit_range
+from kaojax.infer import crops, runner
 from kaojax.models import loading
 from kaojax.models.gslrm import GSLRM, PostFilter, gslrm_config, post_filter_mask, select
 from kaojax.models.mvdiffusion.clip import CLIPVisionEncoder, clip_vision_config, preprocess
@@ -188,50 +193,6 @@ def tiny_models(num_views: int = 6, seed: int = 0) -> FaceLiftModels:
 
 
 # ----------------------------------------------------------------------------
-# Stage 0: input crop (after face detection).
-
-CROP_SIZE = 512
-CROP_FACE_SIZE = 194.2749650813705            # mean(box w, h) after scaling, pixels
-CROP_FACE_CENTRE = (251.8327, 280.0134)       # (x, y) of the box centre in the crop
-
-
-def composite_on_white(rgba):
-  """[H, W, 4] RGBA in [0, 1] -> [H, W, 3] RGB over a white background."""
-  rgba = np.asarray(rgba, np.float32)
-  return rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
-
-
-def crop_to_face(image, box, size: int = CROP_SIZE):
-  """FaceLift's input framing from a face box (x0, y0, x1, y1) in pixels: scale by
-  CROP_FACE_SIZE / mean(box width, height) (at size 512) and place the box centre at
-  CROP_FACE_CENTRE on a white canvas. image [H, W, 3] in [0, 1] -> [size, size, 3].
-  Bilinear resampling with continuous pixel coordinates (pixel centres at +0.5)."""
-  image = np.asarray(image, np.float32)
-  x0, y0, x1, y1 = (float(v) for v in box)
-  if x1 <= x0 or y1 <= y0:
-    raise ValueError(f"face box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box}")
-  k = size / CROP_SIZE
-  scale = CROP_FACE_SIZE * k / (0.5 * ((x1 - x0) + (y1 - y0)))
-  cx, cy = 0.5 * (x0 + x1), 0.5 * (y0 + y1)
-  tx, ty = CROP_FACE_CENTRE[0] * k, CROP_FACE_CENTRE[1] * k
-  us = (np.arange(size) + 0.5 - tx) / scale + cx - 0.5      # source pixel-index coordinates
-  vs = (np.arange(size) + 0.5 - ty) / scale + cy - 0.5
-  h, w = image.shape[:2]
-  padded = np.pad(image, ((1, 1), (1, 1), (0, 0)), constant_values=1.0)   # white outside
-  u = np.clip(us + 1.0, 0.0, w + 1.0)
-  v = np.clip(vs + 1.0, 0.0, h + 1.0)
-  u0 = np.clip(np.floor(u).astype(int), 0, w)
-  v0 = np.clip(np.floor(v).astype(int), 0, h)
-  fu, fv = (u - u0)[None, :, None], (v - v0)[:, None, None]
-  g = lambda vv, uu: padded[vv][:, uu]
-  out = ((1 - fv) * ((1 - fu) * g(v0, u0) + fu * g(v0, u0 + 1))
-         + fv * ((1 - fu) * g(v0 + 1, u0) + fu * g(v0 + 1, u0 + 1)))
-  outside = (((us < -1.0) | (us > w))[None, :] | ((vs < -1.0) | (vs > h))[:, None])
-  out[outside] = 1.0
-  return out
-
-
-# ----------------------------------------------------------------------------
 # Stage 1: conditioning.
 
 
@@ -351,28 +312,12 @@ def _save_png(path, image):
   Image.fromarray(np.asarray(np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255), np.uint8)).save(path)
 
 
-def _save_video(path: pathlib.Path, frames, fps: int) -> pathlib.Path:
-  """turntable.mp4 when an ffmpeg backend is installed, else an animated GIF next to it."""
-  import imageio.v3 as iio
-  frames = np.asarray(np.clip(np.asarray(frames) * 255.0 + 0.5, 0, 255), np.uint8)
-  try:
-    iio.imwrite(path, frames, fps=fps)
-    return path
-  except Exception:                                      # no ffmpeg / pyav plugin
-    path.unlink(missing_ok=True)                         # drop a partial file
-    gif = path.with_suffix(".gif")
-    iio.imwrite(gif, frames, duration=1000.0 / fps, loop=0)
-    return gif
-
-
-def run(models: FaceLiftModels, image, out_dir, cfg: FaceLiftConfig = FaceLiftConfig(),
-        render_outputs: bool = True) -> dict:
-  """Full pipeline on one pre-cropped image [S, S, 3] in [0, 1]; writes input.png,
-  multiview.png, gaussians.ply and (with a renderer) output.png and the turntable.
-  Returns {name: path or array}. An image with values outside [0, 1] or not finite,
-  or a run whose views or Gaussians are not finite, raises ValueError before any
-  file is written."""
-  from kaojax.export.ply import write_gslrm_ply
+def predict(models: FaceLiftModels, image, cfg: FaceLiftConfig = FaceLiftConfig(),
+            render_outputs: bool = True) -> dict:
+  """One pre-cropped image [S, S, 3] in [0, 1] -> {"image", "views" [V, S, S, 3],
+  "gaussians" (GS-LRM output), "keep" (post-filter mask) and, with `render_outputs`,
+  "renders" [V, S, S, 3] at the 6 cameras and "turntable" [F, S, S, 3]}. An image
+  outside [0, 1] or not finite, or non-finite views or Gaussians, raise ValueError."""
   image = jnp.asarray(image, jnp.float32)
   if image.shape != (cfg.image_size, cfg.image_size, 3):
     raise ValueError(f"image must be [{cfg.image_size}, {cfg.image_size}, 3] in [0, 1], "
@@ -384,14 +329,8 @@ def run(models: FaceLiftModels, image, out_dir, cfg: FaceLiftConfig = FaceLiftCo
                                      cfg.post_filter))
   for name, value in (("generated views", views), ("Gaussians", recon)):
     if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(value)):
-      raise ValueError(f"FaceLift produced non-finite {name}; nothing was written")
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  _save_png(out_dir / "input.png", image)
-  _save_png(out_dir / "multiview.png", jnp.concatenate(list(views), axis=1))
-  result = {"views": views, "gaussians": recon, "keep": keep,
-            "ply": write_gslrm_ply(out_dir / "gaussians.ply", recon, mask=keep),
-            "input": out_dir / "input.png", "multiview": out_dir / "multiview.png"}
+      raise ValueError(f"FaceLift produced non-finite {name}")
+  result = {"image": image, "views": views, "gaussians": recon, "keep": keep}
   if render_outputs:
     g = jax.tree_util.tree_map(jnp.asarray, select(
         jax.tree_util.tree_map(lambda a: a[0], recon.gaussians()), keep))
@@ -400,47 +339,139 @@ def run(models: FaceLiftModels, image, out_dir, cfg: FaceLiftConfig = FaceLiftCo
     v = cfg.num_views                      # one renderer call (one compile) for all cameras
     images = render(g, jnp.concatenate([c2w[:v], tc2w]), jnp.concatenate([K[:v], tK]),
                     cfg.image_size)
-    renders, frames = images[:v], images[v:]
-    result["renders"] = renders
-    _save_png(out_dir / "output.png", jnp.concatenate(list(renders), axis=1))
-    result["output"] = out_dir / "output.png"
-    result["turntable"] = _save_video(out_dir / "turntable.mp4", frames, cfg.turntable_fps)
+    result["renders"], result["turntable"] = images[:v], images[v:]
   return result
 
 
+def write_outputs(result: dict, out_dir, fps: int = 30) -> dict:
+  """A `predict` result -> input.png, multiview.png, gaussians.ply and (when
+  rendered) output.png and turntable.mp4 (GIF without ffmpeg) in out_dir; returns
+  {name: path}."""
+  from kaojax.export.animation import write_animation
+  from kaojax.export.ply import write_gslrm_ply
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  _save_png(out_dir / "input.png", result["image"])
+  _save_png(out_dir / "multiview.png", jnp.concatenate(list(result["views"]), axis=1))
+  paths = {"input": out_dir / "input.png", "multiview": out_dir / "multiview.png",
+           "ply": write_gslrm_ply(out_dir / "gaussians.ply", result["gaussians"],
+                                  mask=result["keep"])}
+  if "renders" in result:
+    _save_png(out_dir / "output.png", jnp.concatenate(list(result["renders"]), axis=1))
+    paths["output"] = out_dir / "output.png"
+    paths["turntable"] = write_animation(out_dir / "turntable.mp4",
+                                         np.asarray(result["turntable"]), fps)
+  return paths
+
+
+def run(models: FaceLiftModels, image, out_dir, cfg: FaceLiftConfig = FaceLiftConfig(),
+        render_outputs: bool = True) -> dict:
+  """`predict` then `write_outputs`: nothing is written when predict fails. Returns
+  the result with the written paths added."""
+  result = predict(models, image, cfg, render_outputs)
+  result.update(write_outputs(result, out_dir, cfg.turntable_fps))
+  return result
+
+
+# ----------------------------------------------------------------------------
+# The job over photos, folders and videos (configs/infer_facelift.py).
+
+
+class FaceLiftTask(runner.Task):
+  """FaceLift as the runner's task: MTCNN -> FaceLift's crop (512 canvas, resized to
+  the models' image size) -> views, Gaussians, renders -> the files of
+  `write_outputs` plus face.npz (box, score, landmarks5, crop_transform, crop_size,
+  image_size) per face."""
+  name = "infer_facelift"
+  batch_size = 1
+
+  def __init__(self, config):
+    self.config = config
+    if config.crop not in ("facelift", "full"):
+      raise ValueError(f"crop must be 'facelift' or 'full' for FaceLift, got {config.crop!r}")
+    self.crop_kind = config.crop
+    if config.tiny:
+      self.models, scheduler, self.image_size = tiny_models(), SchedulerConfig(), 32
+    else:
+      missing = [k for k in ("mvdiffusion", "gslrm", "text_embeddings") if not config[k]]
+      if missing:
+        raise ValueError("FaceLift weights: set " + ", ".join(f"--config.{k}" for k in missing)
+                         + " (or use the :tiny preset)")
+      self.models, scheduler = load_models(config.mvdiffusion, config.gslrm,
+                                           config.text_embeddings, dtype=config.dtype)
+      self.image_size = CROP_SIZE
+    self.crop_size = crops.FACELIFT_SIZE if self.crop_kind == "facelift" else CROP_SIZE
+    self.cfg = FaceLiftConfig(image_size=self.image_size, num_steps=int(config.steps),
+                              guidance_scale=float(config.guidance), seed=int(config.seed),
+                              turntable_frames=int(config.turntable_frames),
+                              turntable_fps=int(config.turntable_fps), scheduler=scheduler)
+
+  def prepare(self, crop):
+    from PIL import Image
+    if crop.shape[0] != self.image_size:
+      crop = np.asarray(Image.fromarray(crop).resize((self.image_size,) * 2, Image.BICUBIC))
+    return crop.astype(np.float32) / 255.0
+
+  def predict(self, sources):
+    results = []
+    for image in sources:
+      r = predict(self.models, image, self.cfg, render_outputs=True)
+      results.append({"image": np.asarray(r["image"]), "views": np.asarray(r["views"]),
+                      "renders": np.asarray(r["renders"]),
+                      "turntable": np.asarray(r["turntable"]), "keep": r["keep"],
+                      "gaussians": jax.tree.map(np.asarray, r["gaussians"])})
+    return results
+
+  def write_face(self, folder, face, frame):
+    np.savez(folder / "face.npz", box=np.asarray(face.box, np.float32),
+             score=np.float32(face.score),
+             landmarks5=np.asarray(face.landmarks5, np.float32),
+             crop_transform=face.transform, crop_size=np.int32(self.crop_size),
+             image_size=np.array(frame.image_size, np.int32))
+    write_outputs(face.result, folder, self.cfg.turntable_fps)
+
+
+CROP_SIZE = 512                                # the released models' image size
+
+
+def run_job(config, workdir) -> dict:
+  """The job `infer_facelift` (configs/infer_facelift.py)."""
+  settings = {k: config[k] for k in ("tiny", "mvdiffusion", "gslrm", "text_embeddings",
+                                     "steps", "guidance", "turntable_frames", "dtype")}
+  return runner.run(lambda: FaceLiftTask(config), config, workdir, settings)
+
+
 def main(argv=None):
-  """python -m kaojax.infer.facelift --image crop.png --out DIR (--tiny | --weights ...)"""
+  """python -m kaojax.infer.facelift --image PHOTO --out DIR (--tiny | --mvdiffusion ...):
+  the job `infer_facelift` on one photo (kept for the old command line)."""
   import argparse
+  from configs import infer_facelift
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--image", required=True, help="pre-cropped face image (square)")
-  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--image", required=True, help="a photo (or a folder of photos)")
+  parser.add_argument("--out", required=True, help="output folder (the job's workdir)")
   parser.add_argument("--tiny", action="store_true", help="random-weight toy models (smoke test)")
-  parser.add_argument("--mvdiffusion", help="diffusers pipeline folder (unet/, vae/, ...)")
-  parser.add_argument("--gslrm", help="GS-LRM checkpoint")
-  parser.add_argument("--text-embeddings", help="[6, 77, 1024] prompt embeddings file")
+  parser.add_argument("--precropped", action="store_true",
+                      help="the image is already FaceLift's crop: no face detection")
+  parser.add_argument("--mvdiffusion", default="", help="diffusers pipeline folder")
+  parser.add_argument("--gslrm", default="", help="GS-LRM checkpoint")
+  parser.add_argument("--text-embeddings", default="", help="[6, 77, 1024] prompt embeddings")
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--guidance", type=float, default=3.0)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--turntable-frames", type=int, default=150)
   parser.add_argument("--dtype", default="float32", help="UNet/VAE/CLIP compute dtype")
   args = parser.parse_args(argv)
-  from PIL import Image
+  config = infer_facelift.get_config("tiny" if args.tiny else "")
+  config.input = args.image
+  config.crop = "full" if args.precropped else "facelift"
+  for key in ("mvdiffusion", "gslrm", "steps", "guidance", "seed", "turntable_frames",
+              "dtype"):
+    config[key] = getattr(args, key)
+  config.text_embeddings = args.text_embeddings
   if args.tiny:
-    models, scheduler, size = tiny_models(), SchedulerConfig(), 32
-  else:
-    if not (args.mvdiffusion and args.gslrm and args.text_embeddings):
-      parser.error("--mvdiffusion, --gslrm and --text-embeddings are required without --tiny")
-    models, scheduler = load_models(args.mvdiffusion, args.gslrm, args.text_embeddings,
-                                    dtype=args.dtype)
-    size = 512
-  image = Image.open(args.image).convert("RGB").resize((size, size), Image.BICUBIC)
-  cfg = FaceLiftConfig(image_size=size, num_steps=args.steps, guidance_scale=args.guidance,
-                       seed=args.seed, turntable_frames=args.turntable_frames,
-                       scheduler=scheduler)
-  result = run(models, np.asarray(image, np.float32) / 255.0, args.out, cfg)
-  for name in ("input", "multiview", "ply", "output", "turntable"):
-    if name in result:
-      print(f"{name}: {result[name]}")
+    config.steps = min(config.steps, 2)
+  summary = run_job(config, args.out)
+  print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Which photos an inference job reads, and how it decodes them.
 
-`list_inputs(spec)`: `spec` is an image file, a folder (searched recursively for
-IMAGE_SUFFIXES, sorted), a glob pattern (`*`, `?`, `[`; `**` recursive) or a text file
-of paths (one a line; blank lines and lines starting with '#' skipped; relative paths
-are relative to the text file's folder). Returns absolute paths in a stable order, no
-duplicates. A text file is anything not ending in an image suffix.
+`list_inputs(spec)`: `spec` is an image or video file, a folder (searched recursively
+for IMAGE_SUFFIXES and `kaojax.infer.video.VIDEO_SUFFIXES`, sorted), a glob pattern
+(`*`, `?`, `[`; `**` recursive) or a text file of paths (one a line; blank lines and
+lines starting with '#' skipped; relative paths are relative to the text file's
+folder). Returns absolute paths in a stable order, no duplicates. A text file is
+anything not ending in an image or video suffix.
 
 `read_image(path)`: uint8 [H, W, 3] RGB, EXIF orientation applied
 (`ImageOps.exif_transpose`), RGBA / LA / transparent palettes composited on white,
@@ -30,8 +31,14 @@ def is_image_path(path) -> bool:
   return pathlib.Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+def is_input_path(path) -> bool:
+  """An image or a video, by its suffix."""
+  from kaojax.infer.video import is_video_path   # video reads UnreadableImage from here
+  return is_image_path(path) or is_video_path(path)
+
+
 def _images_under(folder: pathlib.Path) -> list:
-  return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_path(p))
+  return sorted(p for p in folder.rglob("*") if p.is_file() and is_input_path(p))
 
 
 def list_inputs(spec) -> list:
@@ -43,7 +50,7 @@ def list_inputs(spec) -> list:
   path = pathlib.Path(spec).expanduser()
   if path.is_dir():
     found = _images_under(path)
-  elif path.is_file() and is_image_path(path):
+  elif path.is_file() and is_input_path(path):
     found = [path]
   elif path.is_file():
     found = []
@@ -55,7 +62,7 @@ def list_inputs(spec) -> list:
       found.append(entry if entry.is_absolute() else path.parent / entry)
   elif glob.has_magic(spec):
     found = sorted(pathlib.Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
-                   if os.path.isfile(p) and is_image_path(p))
+                   if os.path.isfile(p) and is_input_path(p))
   else:
     raise FileNotFoundError(f"input {spec!r}: no such file, folder or matching glob")
   seen, out = set(), []

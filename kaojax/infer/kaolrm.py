@@ -1,19 +1,22 @@
-"""KaoLRM batch inference from real photos (the job `infer_kaolrm`).
+"""KaoLRM batch inference from real photos and videos (the job `infer_kaolrm`).
 
     python run.py --config=configs/infer_kaolrm.py --config.input=PHOTOS \
         --config.model=MODEL_DIR --workdir=OUT
 
-Per photo (`kaojax.infer.inputs`): MTCNN (`kaojax.infer.detect`, FaceLift's settings)
--> faces with probability > face_threshold, the largest (`faces=largest`, by box
-area) or all (`faces=all`) -> a crop of each (`kaojax.infer.crops`: `ffhq` for a
-monocular model, `square` for the multi-view one, or `facelift`) -> the model's source
-image (`kaojax.images.prepare_source_image`) -> `KaoLRM.forward_and_render` at the
-canonical source camera (normalised focal synth_focal), in fixed-size batches padded to
-`batch_size` (one compilation), faces of several photos sharing a batch.
+Per photo or sampled video frame (`kaojax.infer.runner`: inputs, background decoding
+and detection, batches, results.jsonl, reruns): MTCNN (`kaojax.infer.detect`,
+FaceLift's settings) -> faces with probability > face_threshold, the largest
+(`faces=largest`, by box area) or all (`faces=all`) -> a crop of each
+(`kaojax.infer.crops`: `ffhq` for a monocular model, `square` for the multi-view one,
+`facelift`, or `full`: no detection) -> the model's source image
+(`kaojax.images.prepare_source_image`) -> `KaoLRM.forward_and_render` at the canonical
+source camera (normalised focal synth_focal), in fixed-size batches padded to
+`batch_size` (one compilation), data-parallel over the local devices.
 
 Outputs, per face, in OUT/<name> (faces=largest) or OUT/<name>/face_<k> (faces=all,
-k in descending detector score); <name> is the photo's file stem (plus a hash of its
-path when two inputs share a stem):
+k in descending detector score); <name> is the input's file stem (plus a hash of its
+path when two inputs share a stem). `outputs` (comma-separated) picks the files;
+params.npz is always written:
   params.npz       shape [n_shape], expression [n_expr], pose [6] (global, jaw
                    axis-angle), scale [1], translation [3], box [4] (x0, y0, x1, y1) and
                    landmarks5 [5, 2] (MTCNN) in original-photo pixels, score [] (MTCNN
@@ -22,43 +25,41 @@ path when two inputs share a stem):
                    [2] (w, h), landmarks3d [68, 3] (posed, FLAME world), landmarks2d
                    [68, 2] (their projection in the render camera mapped onto the photo;
                    the crop's bicubic align-corners resize makes this exact to about a
-                   source pixel), lmk7 [7, 3], synth_focal [].
-  mesh.obj         the model's posed FLAME mesh (vertices * scale + translation), metres.
-  mesh_neutral.obj the same shape and scale with expression and pose zeroed, no
-                   translation: what the NoW benchmark expects.
-  lmk7.npy         [7, 3] NoW's landmarks of the neutral mesh: FLAME's landmarks3d at
-                   iBUG 36, 39, 42, 45, 33, 48, 54.
-  vis.png          input crop | surfel render | shaded mesh normals (render_size each).
-  reference/       the reference inference's exports, for one-to-one comparisons:
-                   mesh.ply (the posed mesh scaled by synth_focal / 0.75, as the
-                   reference writes it), mesh_shape.npy, mesh_expression.npy,
-                   mesh_pose.npy, mesh_lmks.npy (the 68 3D landmarks, same scaling).
-Face folders are written under a temporary name and renamed when complete.
+                   source pixel), lmk7 [7, 3], synth_focal [], source_camera [16] (the
+                   model's input camera), render_K [3, 3] and render_viewmat [4, 4] (the
+                   render camera, FLAME world, OpenCV). With crop=full, landmarks5 is
+                   NaN and score 1.
+  "mesh":      mesh.obj (the posed FLAME mesh, vertices * scale + translation, metres)
+               and mesh_neutral.obj (the same shape and scale with expression and pose
+               zeroed, no translation: what the NoW benchmark expects).
+  "lmk7":      lmk7.npy [7, 3], NoW's landmarks of the neutral mesh: FLAME's
+               landmarks3d at iBUG 36, 39, 42, 45, 33, 48, 54.
+  "reference": reference/, the reference inference's exports for one-to-one
+               comparisons: mesh.ply (the posed mesh scaled by synth_focal / 0.75, as
+               the reference writes it), mesh_shape.npy, mesh_expression.npy,
+               mesh_pose.npy, mesh_lmks.npy (the 68 3D landmarks, same scaling).
+  "vis":       vis.png: input crop | surfel render | shaded mesh normals (render_size
+               each) | the mesh and its 68 landmarks over the original photo.
+  "gaussians": gaussians.ply, the surfels as a standard 3DGS PLY (flat third axis).
+  "turntable": turntable.mp4 (GIF without ffmpeg), the surfels on a 360 degree orbit.
+Folders are written under a temporary name and renamed when complete.
 
-OUT/results.jsonl: one JSON object per processed photo: input (absolute path), name,
-status (ok | no_face | unreadable | error), faces (reconstructed), detected (faces
-above the threshold), message (non-ok rows), outputs (folders, relative to OUT),
-image_size, file (size, mtime_ns), settings, seconds (read, detect, model, write, total). A photo
-whose outputs are not all finite is an `error` row and writes nothing. A rerun skips
-photos whose latest row is ok, no_face or unreadable for the same file (same size and
-modification time) and the same settings (`SETTINGS`: model, faces, crop, ...; a row
-records them); `error` rows are retried (`rerun=True` redoes everything).
-OUT/summary.json: the counts per status of the last run.
+A video (`kaojax.infer.video`) gives OUT/<name>/frames/<frame index>/ (the files above
+per frame, without vis.png), OUT/<name>/sequence.npz (per-frame parameters, identities
+linked by box overlap, a robust shape per identity, pose / expression / translation
+smoothed over time with `video_smoothing` seconds; keys in kaojax.infer.video) and
+OUT/<name>/overlay.mp4 (the smoothed meshes and landmarks over the sampled frames).
+
+OUT/results.jsonl and summary.json: `kaojax.infer.runner`. A photo whose outputs are
+not all finite is an `error` row and writes nothing.
 
 Model: `model` is a converted KaoLRM model directory (`kaojax.models.loading`); a
 training work directory is refused (its run config is not saved; see
 configs/infer_kaolrm.py). Without one, `preset` builds random weights (tests).
 """
 
-import collections
 import dataclasses
-import hashlib
-import json
-import os
 import pathlib
-import shutil
-import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,26 +67,26 @@ import numpy as np
 from absl import logging
 from flax import nnx
 from PIL import Image
-from tqdm import tqdm
 
 from data_pipeline.sources import CANONICAL_C2W, source_camera_vector
+from kaojax.export.animation import write_animation
 from kaojax.export.obj import write_obj
-from kaojax.export.ply import write_mesh_ply
+from kaojax.export.ply import write_mesh_ply, write_surfel_ply
 from kaojax.flame.demo import shade
 from kaojax.flame.io import load_flame
 from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.geometry.cameras import SOURCE_FOCAL
 from kaojax.images import prepare_source_image
-from kaojax.infer import crops, detect, inputs
+from kaojax.infer import crops, exports, runner, video
 from kaojax.models import loading
 from kaojax.models.kaolrm import KaoLRM, kaolrm_config, project_landmarks
+from kaojax.render import Gaussians, rasterize_mesh
 
-RESULTS_FILE = "results.jsonl"
-SUMMARY_FILE = "summary.json"
 NOW_LANDMARKS = (36, 39, 42, 45, 33, 48, 54)   # iBUG indices, NoW's order
-STATUSES = ("ok", "no_face", "unreadable", "error")
-FINISHED = ("ok", "no_face", "unreadable")     # not retried on a rerun
-FACES = ("largest", "all")
+OUTPUTS = ("params", "mesh", "lmk7", "reference", "vis", "gaussians", "turntable")
+PARAM_KEYS = ("shape", "expression", "pose", "scale", "translation")
+GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
+DEFAULT_FPS = 25.0      # a video whose container gives no frame rate
 
 
 # ------------------------------------------------------------------------------ model
@@ -140,20 +141,38 @@ def canonical_camera(batch_size: int, render_size: int, synth_focal: float):
           jnp.asarray(np.broadcast_to(K, (batch_size, 1, 3, 3))))
 
 
+def local_devices(count: int = 0) -> list:
+  """The first `count` local devices (0: all of them)."""
+  devices = jax.local_devices()
+  if count < 0 or count > len(devices):
+    raise ValueError(f"devices={count}: this process has {len(devices)} local devices")
+  return devices[:count] if count else devices
+
+
 class Reconstructor:
-  """The jitted forward over fixed-size batches of source images [B, S, S, 3]."""
+  """The jitted forward over fixed-size batches of source images [B, S, S, 3],
+  data-parallel over `devices` (B is rounded up to a multiple of their number; the
+  parameters are replicated)."""
 
   def __init__(self, model: KaoLRM, batch_size: int, render_size: int, synth_focal: float,
-               seed: int = 0):
-    self.batch_size, self.render_size = int(batch_size), int(render_size)
+               seed: int = 0, devices=None):
+    devices = list(devices or [jax.local_devices()[0]])
+    self.batch_size = -(-int(batch_size) // len(devices)) * len(devices)
+    self.render_size = int(render_size)
     self.source_size = model.cfg.lrm.encoder.image_size
     self.num_vertices = model.flame_model.num_vertices
     self.faces = np.asarray(model.flame_model.faces)
     self.key = jax.random.PRNGKey(seed)
-    graphdef, self.state = nnx.split(model)
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    self.data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    graphdef, state = nnx.split(model)
+    self.state = jax.device_put(state, replicated)
     cameras, viewmats, Ks = canonical_camera(self.batch_size, self.render_size, synth_focal)
+    self.viewmat, self.K = np.asarray(viewmats[0, 0]), np.asarray(Ks[0, 0])
     now = jnp.asarray(NOW_LANDMARKS)
     render_size = self.render_size
+    flame = model.flame_model
 
     def forward(state, images, key):
       net = nnx.merge(graphdef, state)
@@ -165,6 +184,7 @@ class Reconstructor:
       neutral = net.flame_model(f32(p.shape), jnp.zeros_like(f32(p.expression)),
                                 jnp.zeros_like(f32(p.pose)), scale=f32(p.scale))
       mesh = renders["mesh"]
+      g = out.gaussians
       return {
           "shape": f32(p.shape), "expression": f32(p.expression), "pose": f32(p.pose),
           "scale": f32(p.scale), "translation": f32(p.translation),
@@ -173,115 +193,53 @@ class Reconstructor:
           "neutral_vertices": neutral.vertices, "lmk7": neutral.landmarks3d[:, now],
           "surfels": jnp.clip(renders["surfels"]["color"][:, 0], 0.0, 1.0),
           "normals": shade(mesh["normal"][:, 0], mesh["mask"][:, 0]),
+          "mesh_mask": mesh["mask"][:, 0],
+          **{f"gaussian_{k}": f32(getattr(g, k)) for k in GAUSSIAN_KEYS},
       }
 
+    def render_params(shape, expression, pose, scale, translation):
+      """FLAME parameters [B, *] -> the mesh at the render camera: shaded [B, R, R, 3],
+      mask [B, R, R], landmarks [B, 68, 2] (pixels of the render)."""
+      out = flame(shape, expression, pose, scale=scale, translation=translation)
+      mesh = rasterize_mesh(out.vertices, flame.faces, viewmats, Ks, render_size,
+                            render_size)
+      return {"normals": shade(mesh["normal"][:, 0], mesh["mask"][:, 0]),
+              "mesh_mask": mesh["mask"][:, 0],
+              "landmarks_render": project_landmarks(out.landmarks3d, viewmats, Ks)[:, 0]}
+
     self._forward = jax.jit(forward)
+    self._render_params = jax.jit(render_params)
+
+  def _padded(self, arrays: dict, fill: float) -> dict:
+    n = len(next(iter(arrays.values())))
+    if not 0 < n <= self.batch_size:
+      raise ValueError(f"batch of {n}, expected 1..{self.batch_size}")
+    out = {}
+    for k, v in arrays.items():
+      v = np.asarray(v, np.float32)
+      padded = np.full((self.batch_size,) + v.shape[1:], fill, np.float32)
+      padded[:n] = v
+      out[k] = jax.device_put(padded, self.data_sharding)
+    return out
+
+  @staticmethod
+  def _split(out, n: int) -> list:
+    out = jax.device_get(out)
+    return [{k: np.asarray(v[i]) for k, v in out.items()} for i in range(n)]
 
   def __call__(self, images: np.ndarray) -> list:
     """images [n <= B, S, S, 3] -> n dicts of numpy arrays (one per image)."""
     n = len(images)
-    if not 0 < n <= self.batch_size:
-      raise ValueError(f"batch of {n} images, expected 1..{self.batch_size}")
-    padded = np.ones((self.batch_size,) + images.shape[1:], np.float32)
-    padded[:n] = images
-    out = jax.device_get(self._forward(self.state, jnp.asarray(padded), self.key))
-    return [{k: np.asarray(v[i]) for k, v in out.items()} for i in range(n)]
+    padded = self._padded({"images": images}, 1.0)["images"]
+    return self._split(self._forward(self.state, padded, self.key), n)
 
-
-# ----------------------------------------------------------------------- bookkeeping
-
-
-def output_names(paths) -> list:
-  """A folder name per input: its stem, with a hash of its path when stems collide
-  (or when the stem is one of the job's own file names)."""
-  counts = collections.Counter(p.stem for p in paths)
-  names = []
-  for p in paths:
-    stem = p.stem.strip() or "image"
-    if (counts[p.stem] > 1 or stem in (RESULTS_FILE, SUMMARY_FILE)
-        or stem.startswith(".tmp_")):
-      stem = f"{stem}_{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
-    names.append(stem)
-  return names
-
-
-def file_signature(path) -> Optional[dict]:
-  try:
-    st = os.stat(path)
-  except OSError:
-    return None
-  return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def read_results(path) -> dict:
-  """input -> its latest row in a results.jsonl (malformed lines are skipped)."""
-  latest = {}
-  path = pathlib.Path(path)
-  if not path.is_file():
-    return latest
-  for line in path.read_text(errors="replace").splitlines():
-    try:
-      row = json.loads(line)
-    except ValueError:
-      continue
-    if isinstance(row, dict) and "input" in row:
-      latest[row["input"]] = row
-  return latest
-
-
-# Config fields that change a photo's outputs: a rerun with other values redoes it.
-SETTINGS = ("model", "preset", "monocular", "flame_path", "faces", "face_threshold",
-            "min_face_size", "crop", "synth_focal", "render_size", "num_samples", "dtype",
-            "visualize", "seed")
-
-
-def run_settings(config) -> dict:
-  return {k: config[k] for k in SETTINGS}
-
-
-def is_finished(row: Optional[dict], path, settings: Optional[dict] = None) -> bool:
-  """Whether a results row finishes `path`: a final status for the same file (size,
-  modification time) and, when given, the same settings."""
-  return (row is not None and row.get("status") in FINISHED
-          and row.get("file") == file_signature(path)
-          and (settings is None or row.get("settings") == settings))
-
-
-@dataclasses.dataclass
-class Face:
-  index: int
-  box: np.ndarray
-  score: float
-  landmarks5: np.ndarray
-  transform: np.ndarray
-  crop: np.ndarray           # uint8 crop
-  source: np.ndarray         # model input [S, S, 3]
-  result: Optional[dict] = None
-
-
-@dataclasses.dataclass
-class Photo:
-  path: pathlib.Path
-  name: str
-  image_size: tuple
-  faces: list
-  detected: int
-  seconds: dict
-  error: Optional[str] = None
-
-  @property
-  def complete(self) -> bool:
-    return self.error is not None or all(f.result is not None for f in self.faces)
-
-
-def select_faces(boxes, scores, landmarks, threshold: float, which: str):
-  """Indices of the faces kept: probability > threshold, then the largest box
-  (FaceLift's rule) or all of them (descending score)."""
-  keep = [i for i in range(len(scores)) if scores[i] > threshold]
-  if which == "largest" and keep:
-    areas = [(boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1]) for i in keep]
-    keep = [keep[int(np.argmax(areas))]]
-  return keep
+  def render_params(self, params: dict) -> list:
+    """FLAME parameters {shape, expression, pose, scale, translation: [n <= B, *]} ->
+    n dicts: normals [R, R, 3] (shaded), mesh_mask [R, R], landmarks_render [68, 2]."""
+    n = len(params["shape"])
+    padded = self._padded({k: params[k] for k in PARAM_KEYS}, 0.0)
+    padded["scale"] = padded["scale"].at[n:].set(1.0)
+    return self._split(self._render_params(**padded), n)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -291,27 +249,48 @@ def _to_uint8(image):
   return (np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def visualization(face: Face, size: int) -> np.ndarray:
-  crop = np.asarray(Image.fromarray(face.crop).resize((size, size), Image.BICUBIC))
-  return np.concatenate([crop, _to_uint8(face.result["surfels"]),
-                         _to_uint8(face.result["normals"])], 1)
+def photo_landmarks(landmarks_render, transform, crop_size: int, render_size: int):
+  """[K, 2] landmarks in render pixels -> original-photo pixels."""
+  return crops.apply_affine(crops.invert_affine(transform),
+                            np.asarray(landmarks_render) * (crop_size / render_size))
 
 
-def face_params(face: Face, photo: Photo, crop_kind: str, crop_size: int,
-                render_size: int, synth_focal: float) -> dict:
+def mesh_over_photo(image, rendered: dict, transform, crop_size: int, render_size: int):
+  """The shaded mesh and its 68 landmarks (a `render_params` / forward result) over the
+  original photo uint8 [H, W, 3]."""
+  return exports.photo_overlay(
+      image, rendered["normals"], rendered["mesh_mask"], transform, crop_size,
+      photo_landmarks(rendered["landmarks_render"], transform, crop_size, render_size))
+
+
+def visualization(face: runner.Face, image, crop_size: int, size: int) -> np.ndarray:
+  """input crop | surfel render | shaded normals | mesh over the photo (height size)."""
   r = face.result
-  to_photo = crops.invert_affine(face.transform)
-  lmk2d = crops.apply_affine(to_photo, r["landmarks_render"] * (crop_size / render_size))
+  crop = np.asarray(Image.fromarray(face.crop).resize((size, size), Image.BICUBIC))
+  overlay = mesh_over_photo(image, r, face.transform, crop_size, size)
+  h, w = overlay.shape[:2]
+  overlay = np.asarray(Image.fromarray(overlay).resize(
+      (max(1, round(w * size / h)), size), Image.BICUBIC))
+  return np.concatenate([crop, _to_uint8(r["surfels"]), _to_uint8(r["normals"]), overlay], 1)
+
+
+def face_params(face: runner.Face, frame: runner.Frame, crop_kind: str, crop_size: int,
+                render_size: int, synth_focal: float, viewmat, K) -> dict:
+  r = face.result
   return {
-      "shape": r["shape"], "expression": r["expression"], "pose": r["pose"],
-      "scale": r["scale"].reshape(1), "translation": r["translation"],
+      **{k: r[k] for k in ("shape", "expression", "pose", "translation")},
+      "scale": r["scale"].reshape(1),
       "box": np.asarray(face.box, np.float32), "score": np.float32(face.score),
       "landmarks5": np.asarray(face.landmarks5, np.float32),
       "crop_transform": face.transform.astype(np.float64), "crop_kind": np.array(crop_kind),
       "crop_size": np.int32(crop_size),
-      "image_size": np.array(photo.image_size, np.int32),
-      "landmarks3d": r["landmarks3d"], "landmarks2d": lmk2d.astype(np.float32),
+      "image_size": np.array(frame.image_size, np.int32),
+      "landmarks3d": r["landmarks3d"],
+      "landmarks2d": photo_landmarks(r["landmarks_render"], face.transform, crop_size,
+                                     render_size).astype(np.float32),
       "lmk7": r["lmk7"], "synth_focal": np.float32(synth_focal),
+      "source_camera": source_camera_vector().astype(np.float32),
+      "render_viewmat": np.asarray(viewmat, np.float32), "render_K": np.asarray(K, np.float32),
   }
 
 
@@ -328,220 +307,132 @@ def write_reference_outputs(folder: pathlib.Path, result: dict, faces_array,
           (result["landmarks3d"] * to_reference).astype(np.float32))
 
 
-def _all_finite(photo: Photo) -> Optional[str]:
-  for face in photo.faces:
-    for key, value in face.result.items():
-      if not np.all(np.isfinite(value)):
-        return f"face {face.index}: non-finite {key}"
-  return None
-
-
-def write_photo(photo: Photo, workdir: pathlib.Path, faces_mode: str, faces_array,
-                crop_kind: str, crop_size: int, render_size: int, synth_focal: float,
-                visualize: bool) -> list:
-  """Writes the photo's face folders (each complete, or none); returns them relative
-  to workdir."""
-  final = workdir / photo.name
-  tmp = workdir / f".tmp_{photo.name}"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  tmp.mkdir(parents=True)
-  try:
-    folders = []
-    for k, face in enumerate(photo.faces):
-      sub = f"face_{k}" if faces_mode == "all" else ""
-      folder = tmp / sub if sub else tmp
-      folder.mkdir(parents=True, exist_ok=True)
-      r = face.result
-      np.savez(folder / "params.npz",
-               **face_params(face, photo, crop_kind, crop_size, render_size, synth_focal))
-      write_obj(folder / "mesh.obj", r["vertices"], faces_array)
-      write_obj(folder / "mesh_neutral.obj", r["neutral_vertices"], faces_array)
-      np.save(folder / "lmk7.npy", r["lmk7"].astype(np.float32))
-      write_reference_outputs(folder / "reference", r, faces_array, synth_focal)
-      if visualize:
-        Image.fromarray(visualization(face, render_size)).save(folder / "vis.png")
-      folders.append(str(pathlib.Path(photo.name) / sub) if sub else photo.name)
-    if final.exists():
-      shutil.rmtree(final)
-    os.replace(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return folders
+def result_gaussians(result: dict) -> Gaussians:
+  return Gaussians(**{k: result[f"gaussian_{k}"] for k in GAUSSIAN_KEYS})
 
 
 # -------------------------------------------------------------------------------- job
+
+
+def parse_outputs(spec: str) -> tuple:
+  """`outputs` ("mesh,vis", or "all") -> the chosen OUTPUTS (params always)."""
+  names = [n.strip() for n in str(spec).split(",") if n.strip()]
+  if names == ["all"]:
+    return OUTPUTS
+  unknown = sorted(set(names) - set(OUTPUTS))
+  if unknown:
+    raise ValueError(f"unknown outputs {unknown} (known: all, {', '.join(OUTPUTS)})")
+  return tuple(n for n in OUTPUTS if n == "params" or n in names)
 
 
 def resolve_crop(config, model: KaoLRM) -> str:
   kind = config.crop
   if kind == "auto":
     kind = "ffhq" if model.cfg.monocular else "square"
-  if kind not in crops.CROPS:
-    raise ValueError(f"unknown crop {config.crop!r} (known: auto, {', '.join(crops.CROPS)})")
+  if kind not in crops.CROPS + ("full",):
+    raise ValueError(f"unknown crop {config.crop!r} (known: auto, full, "
+                     f"{', '.join(crops.CROPS)})")
   return kind
+
+
+class KaoLRMTask(runner.Task):
+  """KaoLRM as the runner's task (module doc)."""
+  name = "infer_kaolrm"
+
+  def __init__(self, config):
+    self.config = config
+    self.outputs = parse_outputs(config.outputs)
+    model = build_model(config)
+    self.crop_kind = resolve_crop(config, model)
+    self.source_size = model.cfg.lrm.encoder.image_size
+    self.render_size = int(config.render_size) or self.source_size
+    self.crop_size = (self.source_size if self.crop_kind == "full"
+                      else crops.output_size(self.crop_kind, self.source_size))
+    self.synth_focal = float(config.synth_focal)
+    self.recon = Reconstructor(model, config.batch_size, self.render_size, self.synth_focal,
+                               config.seed, local_devices(int(config.devices)))
+    self.batch_size = self.recon.batch_size
+
+  def prepare(self, crop):
+    return prepare_source_image(crop / 255.0, self.source_size)
+
+  def predict(self, sources):
+    return self.recon(sources)
+
+  def slim(self, result):
+    return {k: result[k] for k in PARAM_KEYS}
+
+  def write_face(self, folder, face, frame):
+    r, faces = face.result, self.recon.faces
+    np.savez(folder / "params.npz", **face_params(
+        face, frame, self.crop_kind, self.crop_size, self.render_size, self.synth_focal,
+        self.recon.viewmat, self.recon.K))
+    if "mesh" in self.outputs:
+      write_obj(folder / "mesh.obj", r["vertices"], faces)
+      write_obj(folder / "mesh_neutral.obj", r["neutral_vertices"], faces)
+    if "lmk7" in self.outputs:
+      np.save(folder / "lmk7.npy", r["lmk7"].astype(np.float32))
+    if "reference" in self.outputs:
+      (folder / "reference").mkdir(exist_ok=True)
+      write_reference_outputs(folder / "reference", r, faces, self.synth_focal)
+    if "vis" in self.outputs and not frame.item.is_video:
+      Image.fromarray(visualization(face, frame.image, self.crop_size, self.render_size)
+                      ).save(folder / "vis.png")
+    if "gaussians" in self.outputs:
+      write_surfel_ply(folder / "gaussians.ply", result_gaussians(r))
+    if "turntable" in self.outputs:
+      frames = exports.turntable_frames(result_gaussians(r), self.render_size,
+                                        int(self.config.turntable_frames), self.synth_focal)
+      write_animation(folder / "turntable.mp4", frames, self.config.turntable_fps)
+
+  def finish_video(self, folder, item, frames):
+    tracks = video.link_tracks([np.stack([f.box for f in frame.faces]) for frame in frames])
+    # Rows in sequence.npz's order: frame index, then track.
+    faces = sorted(((frame, face, int(track)) for frame, frame_tracks in zip(frames, tracks)
+                    for face, track in zip(frame.faces, frame_tracks)),
+                   key=lambda row: (row[0].index, row[2]))
+    rows = [{"frame_index": frame.index, "track": track, **face.result, "box": face.box,
+             "score": face.score, "landmarks5": face.landmarks5}
+            for frame, face, track in faces]
+    fps = item.fps or DEFAULT_FPS
+    sequence = video.build_sequence(rows, fps, float(self.config.video_smoothing),
+                                    int(self.config.video_every))
+    sequence["crop_transform"] = np.stack([face.transform for _, face, _ in faces])
+    np.savez(folder / "sequence.npz", **sequence)
+    smoothed = {"shape": sequence["shape_track"][np.searchsorted(sequence["tracks"],
+                                                                 sequence["track"])],
+                "expression": sequence["expression_smoothed"],
+                "pose": sequence["pose_smoothed"], "scale": sequence["scale_smoothed"],
+                "translation": sequence["translation_smoothed"]}
+    write_animation(folder / "overlay.mp4", self._overlay_frames(item, faces, smoothed),
+                    fps / int(self.config.video_every))
+
+  def _overlay_frames(self, item, faces, smoothed):
+    """The sampled frames decoded again, the smoothed meshes drawn over them."""
+    rows_of = {}
+    for row, (frame, _, _) in enumerate(faces):
+      rows_of.setdefault(frame.index, []).append(row)
+    every = int(self.config.video_every)
+    limit = int(self.config.video_max_frames) or None
+    for index, image in video.read_frames(item.path, every=every, max_frames=limit):
+      rows = rows_of.get(index, [])
+      for start in range(0, len(rows), self.batch_size):
+        chunk = rows[start:start + self.batch_size]
+        rendered = self.recon.render_params({k: v[chunk] for k, v in smoothed.items()})
+        for row, r in zip(chunk, rendered):
+          image = mesh_over_photo(image, r, faces[row][1].transform, self.crop_size,
+                                  self.render_size)
+      yield image
 
 
 def run(config, workdir) -> dict:
   """The job (module doc); returns the run's summary (also in summary.json)."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  if config.faces not in FACES:
-    raise ValueError(f"faces must be one of {FACES}, got {config.faces!r}")
-  if config.batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
-  paths = inputs.list_inputs(config.input)
-  names = dict(zip(paths, output_names(paths)))
-  results_path = workdir / RESULTS_FILE
-  previous = {} if config.rerun else read_results(results_path)
-  settings = run_settings(config)
-  todo = [p for p in paths if not is_finished(previous.get(str(p)), p, settings)]
-  summary = {"inputs": len(paths), "skipped": len(paths) - len(todo),
-             **{s: 0 for s in STATUSES}}
-  logging.info("infer_kaolrm: %d inputs, %d already finished", len(paths), summary["skipped"])
-  if not todo:
-    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-    return summary
+  settings = {k: config[k] for k in TASK_SETTINGS}
+  return runner.run(lambda: KaoLRMTask(config), config, workdir, settings)
 
-  model = build_model(config)
-  crop_kind = resolve_crop(config, model)
-  source_size = model.cfg.lrm.encoder.image_size
-  render_size = int(config.render_size) or source_size
-  crop_size = crops.output_size(crop_kind, source_size)
-  recon = Reconstructor(model, config.batch_size, render_size, config.synth_focal, config.seed)
-  detector = (detect.default_detector() if config.min_face_size == detect.MIN_FACE_SIZE
-              else detect.MTCNN(min_face_size=int(config.min_face_size)))
-  write_args = dict(workdir=workdir, faces_mode=config.faces, faces_array=recon.faces,
-                    crop_kind=crop_kind, crop_size=crop_size, render_size=render_size,
-                    synth_focal=float(config.synth_focal), visualize=bool(config.visualize))
 
-  # A row cut short by an interrupted run is skipped by read_results; start on a new line.
-  if results_path.is_file() and results_path.stat().st_size:
-    with open(results_path, "rb") as f:
-      f.seek(-1, os.SEEK_END)
-      needs_newline = f.read(1) != b"\n"
-  else:
-    needs_newline = False
-  results = open(results_path, "a")
-  if needs_newline:
-    results.write("\n")
-  open_photos, queue = [], []
-
-  def record(path, status, name=None, faces=0, detected=0, message=None, outputs=(),
-             image_size=None, seconds=None):
-    row = {"input": str(path), "name": name, "status": status, "faces": faces,
-           "detected": detected, "outputs": list(outputs), "image_size": image_size,
-           "file": file_signature(path), "settings": settings,
-           "seconds": {k: round(v, 4) for k, v in (seconds or {}).items()}}
-    if message is not None:
-      row["message"] = message
-    results.write(json.dumps(row) + "\n")
-    results.flush()
-    summary[status] += 1
-    if status != "ok":
-      logging.warning("%s: %s%s", path, status, f" ({message})" if message else "")
-
-  def finish(photo: Photo):
-    seconds = photo.seconds
-    common = dict(name=photo.name, detected=photo.detected,
-                  image_size=list(photo.image_size))
-    if photo.error is None:
-      photo.error = _all_finite(photo)
-    if photo.error is not None:
-      seconds["total"] = sum(seconds.values())
-      record(photo.path, "error", message=photo.error, seconds=seconds, **common)
-      return
-    start = time.perf_counter()
-    try:
-      outputs = write_photo(photo, **write_args)
-    except Exception as e:  # a disk error etc.: this photo's row, not the job's end
-      seconds["write"] = time.perf_counter() - start
-      seconds["total"] = sum(seconds.values())
-      record(photo.path, "error", message=f"writing: {type(e).__name__}: {e}",
-             seconds=seconds, **common)
-      return
-    seconds["write"] = time.perf_counter() - start
-    seconds["total"] = sum(seconds.values())
-    record(photo.path, "ok", faces=len(photo.faces), outputs=outputs, seconds=seconds,
-           **common)
-
-  def run_batch(batch):
-    start = time.perf_counter()
-    try:
-      results_ = recon(np.stack([face.source for _, face in batch]))
-      error = None
-    except Exception as e:
-      results_, error = None, f"model: {type(e).__name__}: {e}"
-    share = (time.perf_counter() - start) / len(batch)
-    for i, (photo, face) in enumerate(batch):
-      photo.seconds["model"] = photo.seconds.get("model", 0.0) + share
-      if error is not None:
-        photo.error = photo.error or error
-      else:
-        face.result = results_[i]
-
-  def drain(final: bool):
-    while len(queue) >= recon.batch_size or (final and queue):
-      batch = queue[:recon.batch_size]
-      del queue[:recon.batch_size]
-      run_batch(batch)
-    # Photos complete once none of their faces waits in the queue.
-    waiting = {id(p) for p, _ in queue}
-    for photo in list(open_photos):
-      if id(photo) not in waiting and photo.complete:
-        open_photos.remove(photo)
-        finish(photo)
-
-  try:
-    bar = tqdm(todo, desc="infer_kaolrm", unit="photo", dynamic_ncols=True)
-    for path in bar:
-      bar.set_postfix({s: summary[s] for s in STATUSES})
-      name = names[path]
-      seconds = {}
-      start = time.perf_counter()
-      try:
-        image = inputs.read_image(path)
-      except inputs.UnreadableImage as e:
-        record(path, "unreadable", name=name, message=str(e),
-               seconds={"read": time.perf_counter() - start})
-        continue
-      seconds["read"] = time.perf_counter() - start
-      image_size = (image.shape[1], image.shape[0])
-      try:
-        start = time.perf_counter()
-        boxes, scores, landmarks = detector.detect(image)
-        keep = select_faces(boxes, scores, landmarks, config.face_threshold, config.faces)
-        seconds["detect"] = time.perf_counter() - start
-        detected = int(np.sum(np.asarray(scores) > config.face_threshold))
-        if not keep:
-          seconds["total"] = sum(seconds.values())
-          record(path, "no_face", name=name, detected=detected,
-                 message=f"no face with probability > {config.face_threshold}",
-                 image_size=list(image_size), seconds=seconds)
-          continue
-        start = time.perf_counter()
-        faces = []
-        for k, i in enumerate(keep):
-          m, size = crops.crop_transform(crop_kind, boxes[i], landmarks[i], source_size)
-          crop = crops.warp(image, m, size)
-          faces.append(Face(index=k, box=np.asarray(boxes[i]), score=float(scores[i]),
-                            landmarks5=np.asarray(landmarks[i]), transform=m, crop=crop,
-                            source=prepare_source_image(crop / 255.0, source_size)))
-        seconds["crop"] = time.perf_counter() - start
-      except Exception as e:
-        seconds["total"] = sum(seconds.values())
-        record(path, "error", name=name, message=f"{type(e).__name__}: {e}",
-               image_size=list(image_size), seconds=seconds)
-        continue
-      photo = Photo(path=path, name=name, image_size=image_size, faces=faces,
-                    detected=detected, seconds=seconds)
-      open_photos.append(photo)
-      queue.extend((photo, face) for face in faces)
-      drain(final=False)
-    drain(final=True)
-  finally:
-    results.close()
-  (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-  logging.info("infer_kaolrm: %s", summary)
-  return summary
+# Config fields of this task that change an input's outputs (a rerun with other
+# values redoes it).
+TASK_SETTINGS = ("model", "preset", "monocular", "flame_path", "synth_focal",
+                 "render_size", "num_samples", "dtype", "turntable_frames",
+                 "video_smoothing")

@@ -57,7 +57,7 @@ def test_nonfinite_outputs_write_nothing(tmp_path, models, monkeypatch):
   broken = facelift.reconstruct
   monkeypatch.setattr(facelift, "reconstruct", lambda m, v: jax.tree.map(
       lambda x: x * jnp.nan, broken(m, v)))
-  with pytest.raises(ValueError, match="non-finite Gaussians; nothing was written"):
+  with pytest.raises(ValueError, match="non-finite Gaussians"):
     facelift.run(models, np.full((32, 32, 3), 0.5, np.float32), tmp_path / "out", CFG)
   assert not (tmp_path / "out").exists()
 
@@ -170,24 +170,3 @@ def test_bfloat16_unet_tracks_float32(models):
   assert low.dtype == jnp.bfloat16
   err = float(jnp.abs(low.astype(jnp.float32) - ref).max())
   assert err < 0.1 * float(ref.std())
-
-
-def test_crop_to_face_places_the_box():
-  from kaojax.infer.facelift import CROP_FACE_CENTRE, CROP_FACE_SIZE, composite_on_white, crop_to_face
-  h, w = 300, 400
-  image = np.zeros((h, w, 3), np.float32)
-  box = (150.0, 80.0, 250.0, 200.0)                 # mean size 110
-  image[80:200, 150:250] = 0.5                      # grey face box on black
-  out = crop_to_face(image, box)
-  assert out.shape == (512, 512, 3)
-  scale = CROP_FACE_SIZE / 110.0
-  # the grey box lands centred at CROP_FACE_CENTRE with its size scaled
-  grey = np.argwhere(np.abs(out[..., 0] - 0.5) < 1e-6)
-  (ymin, xmin), (ymax, xmax) = grey.min(0), grey.max(0)
-  np.testing.assert_allclose([(xmin + xmax + 1) / 2, (ymin + ymax + 1) / 2], CROP_FACE_CENTRE, atol=1.5)
-  np.testing.assert_allclose([xmax + 1 - xmin, ymax + 1 - ymin], [100 * scale, 120 * scale], atol=2.5)
-  top = CROP_FACE_CENTRE[1] - 140 * scale             # where the image's top edge lands
-  assert np.all(out[:int(top) - 1] == 1.0)             # white canvas above the image
-  assert np.all(out[int(top) + 2:int(top) + 10, 200] == 0.0)   # black image content
-  rgba = np.concatenate([np.zeros((2, 2, 3)), np.array([[[1.0], [0.0]], [[0.5], [0.25]]])], -1)
-  np.testing.assert_allclose(composite_on_white(rgba)[..., 0], [[0, 1], [0.5, 0.75]])

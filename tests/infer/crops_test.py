@@ -122,3 +122,24 @@ def test_warp_follows_the_transform(scale):
   # Outside the photo: white.
   far = crops._affine(1.0, np.eye(2), (-500.0, -500.0), (64.0, 64.0))
   assert (crops.warp(image, far, 32) == 255).all()
+
+
+def test_facelift_crop_places_the_box_on_the_white_canvas():
+  """A grey box on black, cropped with FaceLift's protocol: the box lands centred at
+  FACELIFT_CENTER with its mean side scaled to FACELIFT_FACE_SIZE, white around the
+  photo."""
+  image = np.zeros((300, 400, 3), np.uint8)
+  box = (150.0, 80.0, 250.0, 200.0)                 # mean side 110
+  image[80:200, 150:250] = 128
+  out = crops.warp(image, crops.facelift_transform(box), crops.FACELIFT_SIZE)
+  assert out.shape == (512, 512, 3)
+  scale = crops.FACELIFT_FACE_SIZE / 110.0
+  grey = np.argwhere((out[..., 0] > 64) & (out[..., 0] < 192))    # half-way edges
+  (ymin, xmin), (ymax, xmax) = grey.min(0), grey.max(0)
+  np.testing.assert_allclose([(xmin + xmax + 1) / 2, (ymin + ymax + 1) / 2],
+                             crops.FACELIFT_CENTER, atol=1.5)
+  np.testing.assert_allclose([xmax + 1 - xmin, ymax + 1 - ymin], [100 * scale, 120 * scale],
+                             atol=3)
+  top = crops.FACELIFT_CENTER[1] - 140 * scale      # where the photo's top edge lands
+  assert np.all(out[:int(top) - 2] == 255)          # white canvas above the photo
+  assert np.all(out[int(top) + 3:int(top) + 10, 200] == 0)   # the photo's black

@@ -23,7 +23,8 @@ from configs import infer_kaolrm as infer_config
 from kaojax import jobs
 from kaojax.export.obj import read_obj
 from kaojax.flame.synthetic import make_synthetic_flame
-from kaojax.infer import crops
+from kaojax.export.animation import write_animation
+from kaojax.infer import crops, runner
 from kaojax.infer import kaolrm as infer
 from tests.infer.photos import group_photo
 
@@ -36,7 +37,14 @@ PARAM_SHAPES = {"shape": (100,), "expression": (50,), "pose": (6,), "scale": (1,
 
 EXPECTED = {"astronaut.jpg": "ok", "group.png": "ok", "cat.jpg": "no_face",
             "truncated.jpg": "unreadable", "text.png": "unreadable",
-            "nested/grey.png": "ok", "nested/rgba.png": "ok"}
+            "nested/grey.png": "ok", "nested/rgba.png": "ok", "clip.mp4": "ok"}
+VIDEO_FRAMES = 5
+
+
+def panning_frames():
+  """A short 'video' of the astronaut's face: a 256 px window panning over the photo."""
+  ast = skimage.data.astronaut()
+  return [ast[8 + 6 * i:264 + 6 * i, 100 + 8 * i:356 + 8 * i] for i in range(VIDEO_FRAMES)]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +63,7 @@ def photos(tmp_path_factory):
   alpha = np.full(ast.shape[:2], 255, np.uint8)
   alpha[:, :60] = 0
   Image.fromarray(np.dstack([ast, alpha])).save(root / "nested" / "rgba.png")
+  write_animation(root / "clip.mp4", panning_frames(), fps=10)
   return root
 
 
@@ -80,13 +89,15 @@ def test_every_input_has_its_status(photos, run_cli):
   assert {k: r["status"] for k, r in by_input.items()} == EXPECTED
   for r in rows:
     assert set(r) >= {"input", "status", "faces", "seconds"}
-    if r["status"] == "ok":
+    if r["name"] == "clip":
+      assert r["frames"] == r["frames_with_faces"] == r["faces"] == VIDEO_FRAMES
+    elif r["status"] == "ok":
       assert r["faces"] == 1 and r["outputs"] == [r["name"]]
       assert r["seconds"]["total"] > 0
     else:
       assert r["faces"] == 0 and r["message"]
   summary = json.loads((run_cli / "summary.json").read_text())
-  assert summary["ok"] == 4 and summary["unreadable"] == 2 and summary["no_face"] == 1
+  assert summary["ok"] == 5 and summary["unreadable"] == 2 and summary["no_face"] == 1
 
 
 def test_face_outputs(photos, run_cli):
@@ -114,8 +125,9 @@ def test_face_outputs(photos, run_cli):
     np.testing.assert_allclose(neutral, np.asarray(expected.vertices[0]), atol=1e-5)
     np.testing.assert_allclose(params["lmk7"], np.asarray(expected.landmarks3d[0])[
         list(infer.NOW_LANDMARKS)], atol=1e-5)
-    vis = np.asarray(Image.open(folder / "vis.png"))
-    assert vis.shape == (64, 3 * 64, 3)
+    vis = np.asarray(Image.open(folder / "vis.png"))   # 3 panels + the photo overlay
+    w, h = params["image_size"]
+    assert vis.shape == (64, 3 * 64 + round(w * 64 / h), 3)
     # The reference inference's files: mesh and landmarks scaled by synth_focal / 0.75
     # (here 0.75: unscaled), raw parameters.
     ref = folder / "reference"
@@ -157,7 +169,7 @@ def test_all_faces_gives_more_faces(photos, run_cli, tmp_path):
   config.input = str(photos / "group.png")
   config.faces = "all"
   config.monocular = True
-  config.visualize = False
+  config.outputs = "mesh"
   jobs.run(config, tmp_path)
   (row,) = _rows(tmp_path)
   largest = [r for r in _rows(run_cli) if r["name"] == "group"][0]
@@ -201,14 +213,13 @@ def test_converted_model_directory(photos, run_cli, tmp_path):
 
 
 def test_non_finite_outputs_are_an_error_row(photos, tmp_path, monkeypatch):
+  forward = infer.Reconstructor.__call__
+
   def poisoned(self, images):
-    n = len(images)
-    nan = lambda *shape: np.full(shape, np.nan, np.float32)
-    return [{"shape": nan(100), "expression": nan(50), "pose": nan(6), "scale": nan(1),
-             "translation": nan(3), "vertices": nan(self.num_vertices, 3),
-             "landmarks3d": nan(68, 3), "landmarks_render": nan(68, 2),
-             "neutral_vertices": nan(self.num_vertices, 3), "lmk7": nan(7, 3),
-             "surfels": nan(64, 64, 3), "normals": nan(64, 64, 3)} for _ in range(n)]
+    results = forward(self, images)
+    for r in results:
+      r["vertices"] = r["vertices"] * np.nan
+    return results
 
   monkeypatch.setattr(infer.Reconstructor, "__call__", poisoned)
   config = infer_config.get_config("tiny")
@@ -219,7 +230,7 @@ def test_non_finite_outputs_are_an_error_row(photos, tmp_path, monkeypatch):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "summary.json"]
   # An error row is retried by a rerun.
   monkeypatch.undo()
-  assert not infer.is_finished(row, photos / "astronaut.jpg")
+  assert not runner.is_finished(row, photos / "astronaut.jpg")
 
 
 def test_training_workdir_is_refused(tmp_path):
@@ -235,7 +246,7 @@ def test_interrupted_results_line_is_skipped(photos, tmp_path):
   config = infer_config.get_config("tiny")
   config.input = str(photos / "text.png")
   jobs.run(config, tmp_path)
-  rows = infer.read_results(tmp_path / "results.jsonl")
+  rows = runner.read_results(tmp_path / "results.jsonl")
   assert list(rows) == [str(photos / "text.png")]
   assert rows[str(photos / "text.png")]["status"] == "unreadable"
   # Finished: a second run adds nothing.
@@ -245,8 +256,116 @@ def test_interrupted_results_line_is_skipped(photos, tmp_path):
 def test_output_names():
   import pathlib
   paths = [pathlib.Path(p) for p in ("/a/x.jpg", "/b/x.png", "/a/y.jpg", "/c/summary.json.png")]
-  names = infer.output_names(paths)
+  names = runner.output_names(paths)
   assert names[2] == "y"
   assert names[0] != names[1] and names[0].startswith("x_") and names[1].startswith("x_")
   assert names[3].startswith("summary.json_")
-  assert infer.output_names(paths) == names   # deterministic
+  assert runner.output_names(paths) == names   # deterministic
+
+
+def test_video_outputs(photos, run_cli):
+  """A video: per-frame face folders, sequence.npz (one track, a shape per track, the
+  smoothed series) and overlay.mp4 of the sampled frames."""
+  import imageio.v2 as imageio
+  folder = run_cli / "clip"
+  assert sorted(p.name for p in folder.iterdir()) == ["frames", "overlay.mp4", "sequence.npz"]
+  frames = sorted(p.name for p in (folder / "frames").iterdir())
+  assert frames == [f"{i:06d}" for i in range(VIDEO_FRAMES)]
+  for name in frames:   # the photo outputs, without vis.png
+    assert sorted(p.name for p in (folder / "frames" / name).iterdir()) == [
+        "lmk7.npy", "mesh.obj", "mesh_neutral.obj", "params.npz", "reference"]
+  seq = np.load(folder / "sequence.npz")
+  np.testing.assert_array_equal(seq["frame_index"], np.arange(VIDEO_FRAMES))
+  np.testing.assert_array_equal(seq["track"], 0)
+  assert seq["shape_track"].shape == (1, 100) and seq["pose_smoothed"].shape == (VIDEO_FRAMES, 6)
+  np.testing.assert_allclose(seq["time"], np.arange(VIDEO_FRAMES) / 10.0, rtol=1e-5)
+  for i, name in enumerate(frames):   # the raw series are the frames' params
+    params = np.load(folder / "frames" / name / "params.npz")
+    for key in ("shape", "expression", "pose", "translation", "box"):
+      np.testing.assert_allclose(seq[key][i], params[key], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(seq["crop_transform"][i], params["crop_transform"])
+  # The detector follows the panning face: boxes move by the pan (8, 6) px a frame.
+  shift = np.diff(seq["box"][:, :2], axis=0).mean(0)
+  np.testing.assert_allclose(shift, [-8, -6], atol=2.5)
+  reader = imageio.get_reader(folder / "overlay.mp4", format="FFMPEG")
+  overlay = list(reader.iter_data())
+  reader.close()
+  assert len(overlay) == VIDEO_FRAMES and overlay[0].shape == (256, 256, 3)
+  # The overlay differs from the video only around the face's mesh and landmarks
+  # (random weights: a small mesh), in every frame.
+  for frame, original, name in zip(overlay, panning_frames(), frames):
+    changed = np.argwhere(np.abs(frame.astype(int) - original.astype(int)).max(-1) > 60)
+    lmk = np.load(folder / "frames" / name / "params.npz")["landmarks2d"]
+    near = np.all((changed[:, ::-1] >= lmk.min(0) - 12)
+                  & (changed[:, ::-1] <= lmk.max(0) + 12), axis=1)
+    assert len(changed) > 20 and near.mean() > 0.9      # (H.264 noise elsewhere)
+
+
+def test_full_crop_and_every_output(photos, tmp_path):
+  """crop=full: no detection, the whole image is the face (the cat photo, faceless
+  for MTCNN, is reconstructed); outputs=all adds the surfels PLY and a turntable."""
+  import imageio.v2 as imageio
+  config = infer_config.get_config("tiny")
+  config.input = str(photos / "cat.jpg")
+  config.crop = "full"
+  config.outputs = "all"
+  config.turntable_frames = 3
+  config.num_samples = 500
+  jobs.run(config, tmp_path)
+  (row,) = _rows(tmp_path)
+  assert row["status"] == "ok" and row["faces"] == 1
+  folder = tmp_path / "cat"
+  assert {"gaussians.ply", "turntable.mp4", "vis.png", "params.npz"} <= {
+      p.name for p in folder.iterdir()}
+  params = np.load(folder / "params.npz")
+  h, w = skimage.data.chelsea().shape[:2]
+  np.testing.assert_array_equal(params["box"], [0, 0, w, h])
+  assert np.all(np.isnan(params["landmarks5"])) and str(params["crop_kind"]) == "full"
+  np.testing.assert_allclose(params["crop_transform"],
+                             crops.full_transform((w, h), int(params["crop_size"])))
+  ply = plyfile.PlyData.read(str(folder / "gaussians.ply"))
+  assert ply["vertex"].count == 500
+  reader = imageio.get_reader(folder / "turntable.mp4", format="FFMPEG")
+  assert len(list(reader.iter_data())) == 3
+  reader.close()
+
+
+def test_process_share_splits_the_inputs(photos, tmp_path):
+  """Process 1 of 2 takes every second input and writes its own results file."""
+  config = infer_config.get_config("tiny")
+  config.input = str(photos)
+  every = [str(p) for p in runner.inputs.list_inputs(str(photos))]
+  settings = {k: config[k] for k in infer.TASK_SETTINGS}
+  summary = runner.run(lambda: infer.KaoLRMTask(config), config, tmp_path, settings,
+                       process_index=1, process_count=2)
+  rows = runner.read_results(tmp_path / "results.process1.jsonl")
+  assert sorted(rows) == sorted(every[1::2]) and summary["inputs"] == len(every[1::2])
+  assert (tmp_path / "summary.process1.json").is_file()
+  assert not (tmp_path / "results.jsonl").exists()
+  assert runner.process_share(range(5), 0, 2) == [0, 2, 4]
+  with pytest.raises(ValueError, match="process index"):
+    runner.process_share(range(5), 2, 2)
+
+
+def test_data_parallel_and_bfloat16(photos, run_cli, tmp_path):
+  """Two (forced) CPU devices split the batch: the same parameters as one device.
+  bfloat16 compute stays near float32."""
+  script = (
+      "import sys; from configs import infer_kaolrm as c; from kaojax import jobs\n"
+      "import jax; assert jax.local_device_count() == 2\n"
+      "config = c.get_config('tiny'); config.input = sys.argv[1]\n"
+      "config.outputs = 'mesh'; jobs.run(config, sys.argv[2])\n"
+      "config.dtype = 'bfloat16'; jobs.run(config, sys.argv[3])\n")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script, str(photos / "astronaut.jpg"),
+                         str(tmp_path / "dp"), str(tmp_path / "bf16")], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  reference = np.load(run_cli / "astronaut" / "params.npz")
+  parallel = np.load(tmp_path / "dp" / "astronaut" / "params.npz")
+  low = np.load(tmp_path / "bf16" / "astronaut" / "params.npz")
+  for key in ("shape", "expression", "pose", "scale", "translation"):
+    np.testing.assert_allclose(parallel[key], reference[key], rtol=1e-5, atol=1e-6)
+    err = np.abs(low[key] - reference[key]).max()
+    assert 0 < err <= 0.05 * np.abs(reference[key]).max() + 1e-3, (key, err)
