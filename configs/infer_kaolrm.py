@@ -31,9 +31,13 @@ def get_config(arg: str = ""):
   config.faces = "largest"          # largest | all
   config.face_threshold = 0.8       # MTCNN probability kept (FaceLift's protocol)
   config.min_face_size = 20         # MTCNN's smallest face, pixels
-  # ffhq (monocular model) | square (multi-view model) | facelift | auto (by the
+  # ffhq (monocular model) | multiview (multi-view model) | facelift | auto (by the
   # model) | full (no detection: the whole image is the face, for pre-cropped inputs)
   config.crop = "auto"
+  # The multiview crop's framing "face_size,cx,cy" (fractions of the crop side), as
+  # `python -m kaojax.infer.framing --data=TRAINING_RENDERS` measures it; empty: the
+  # documented default kaojax.infer.crops.MULTIVIEW_FRAMING.
+  config.multiview_framing = ""
   config.batch_size = 4             # faces per forward (padded: one compilation)
   config.devices = 0                # local devices the batch is split over; 0: all
   config.workers = 2                # background threads decoding and detecting

@@ -7,10 +7,13 @@ continuous with pixel (i, j) covering [j, j + 1) x [i, i + 1) (its centre at +0.
 the convention of MTCNN's boxes and landmarks and of PIL's geometric transforms.
 `warp(image, M, size)` resamples the photo into the crop (white outside it).
 
-Three crops:
-  * `facelift_transform`: FaceLift's reference protocol (spec facelift.md, section 3):
-    scale s = 194.2749650813705 / mean(box w, h), the box centre placed at
-    (251.8327, 280.0134) of a 512 x 512 white canvas.
+The crops:
+  * `framing_transform(box, size, framing)`: a `Framing` (the face box's mean side
+    and centre as fractions of the crop side) applied to a detected box: scale
+    size * face_size / mean(box w, h), the box centre placed at size * center.
+  * `facelift_transform`: FaceLift's reference protocol (spec facelift.md, section 3),
+    the framing FACELIFT_FRAMING: scale s = 194.2749650813705 / mean(box w, h), the
+    box centre placed at (251.8327, 280.0134) of a 512 x 512 white canvas.
   * `ffhq_transform`: KaoLRM's monocular model (trained on FFHQ-aligned portraits):
     the FFHQ alignment recipe (NVlabs/ffhq-dataset `recreate_aligned_images`) applied
     to MTCNN's 5 landmarks (eye centres, nose tip, mouth corners) instead of the 68
@@ -22,15 +25,19 @@ Three crops:
     output square. A similarity (rotation, uniform scale, translation); MTCNN's eye
     points are eye centres as FFHQ's are (means of six iBUG eye points), so the
     template is FFHQ's own, only its inputs come from a different detector.
-  * `square_transform`: the multi-view model (rendered heads in a 224 source view):
-    an axis-aligned square of side `expand` x max(box w, h) centred on the box centre
-    (default expand = SQUARE_EXPAND = 1.8: MTCNN boxes run from the brows to the
-    chin, so 1.8x takes in the hair and ears). A documented choice, not measured
-    against the training renders' face-size statistics.
+  * `multiview`: KaoLRM's multi-view model (rendered heads in a 224 source view) is
+    framed like its training renders: `python -m kaojax.infer.framing --data=ROOT`
+    measures the framing of the detector's boxes over a dataset's views, and the
+    inference config takes it (`multiview_framing`). MULTIVIEW_FRAMING, the default
+    until measured on the real renders, is a documented choice: the box centred,
+    its mean side 1 / 1.8 of the crop (MTCNN boxes run from the brows to the chin;
+    1.8x takes in the hair and ears).
   * `full_transform`: no detection: the whole image, scaled so its longer side fills
     the square and centred (white bars on the shorter side), for inputs that are
     already face crops.
 """
+
+import dataclasses
 
 import numpy as np
 from PIL import Image
@@ -38,8 +45,34 @@ from PIL import Image
 FACELIFT_SIZE = 512
 FACELIFT_FACE_SIZE = 194.2749650813705
 FACELIFT_CENTER = (251.8327, 280.0134)
-SQUARE_EXPAND = 1.8
-CROPS = ("ffhq", "square", "facelift")
+CROPS = ("ffhq", "multiview", "facelift")
+
+
+@dataclasses.dataclass(frozen=True)
+class Framing:
+  """Where a face box sits in a square crop, in fractions of the crop's side:
+  face_size = mean(box w, h) / side; center = (x, y) of the box centre / side."""
+  face_size: float
+  center: tuple
+
+  def __post_init__(self):
+    if not (np.isfinite(self.face_size) and 0 < self.face_size <= 4
+            and len(self.center) == 2 and np.all(np.isfinite(self.center))):
+      raise ValueError(f"bad framing: face_size {self.face_size}, center {self.center}")
+
+  @classmethod
+  def parse(cls, spec: str) -> "Framing":
+    """"face_size,cx,cy" (what `python -m kaojax.infer.framing` prints)."""
+    try:
+      face_size, cx, cy = (float(v) for v in str(spec).split(","))
+    except ValueError:
+      raise ValueError(f"framing must be 'face_size,cx,cy', got {spec!r}") from None
+    return cls(face_size, (cx, cy))
+
+
+FACELIFT_FRAMING = Framing(FACELIFT_FACE_SIZE / FACELIFT_SIZE,
+                           (FACELIFT_CENTER[0] / FACELIFT_SIZE, FACELIFT_CENTER[1] / FACELIFT_SIZE))
+MULTIVIEW_FRAMING = Framing(1 / 1.8, (0.5, 0.5))
 
 
 def _affine(scale, rotation, center_src, center_dst) -> np.ndarray:
@@ -56,18 +89,17 @@ def _box(box) -> np.ndarray:
   return box
 
 
+def framing_transform(box, size: int, framing: Framing) -> np.ndarray:
+  """The crop of side `size` that puts a face box (x0, y0, x1, y1) where `framing` says."""
+  box = _box(box)
+  scale = size * framing.face_size / np.mean([box[2] - box[0], box[3] - box[1]])
+  center = (size * framing.center[0], size * framing.center[1])
+  return _affine(scale, np.eye(2), (box[:2] + box[2:]) / 2, center)
+
+
 def facelift_transform(box) -> np.ndarray:
   """FaceLift's crop of a face box (x0, y0, x1, y1) onto its 512 canvas."""
-  box = _box(box)
-  scale = FACELIFT_FACE_SIZE / np.mean([box[2] - box[0], box[3] - box[1]])
-  return _affine(scale, np.eye(2), (box[:2] + box[2:]) / 2, FACELIFT_CENTER)
-
-
-def square_transform(box, size: int, expand: float = SQUARE_EXPAND) -> np.ndarray:
-  """An axis-aligned square of side expand * max(w, h) around the box centre -> size."""
-  box = _box(box)
-  side = expand * max(box[2] - box[0], box[3] - box[1])
-  return _affine(size / side, np.eye(2), (box[:2] + box[2:]) / 2, (size / 2, size / 2))
+  return framing_transform(box, FACELIFT_SIZE, FACELIFT_FRAMING)
 
 
 def full_transform(image_size, size: int) -> np.ndarray:
@@ -113,12 +145,13 @@ def output_size(kind: str, size: int) -> int:
   return FACELIFT_SIZE if kind == "facelift" else int(size)
 
 
-def crop_transform(kind: str, box, landmarks5, size: int) -> tuple:
-  """(M [2, 3], output size) of crop `kind` ('ffhq', 'square' or 'facelift')."""
+def crop_transform(kind: str, box, landmarks5, size: int, framing: Framing = None) -> tuple:
+  """(M [2, 3], output size) of crop `kind` ('ffhq', 'multiview' with `framing`
+  (default MULTIVIEW_FRAMING) or 'facelift')."""
   if kind == "ffhq":
     return ffhq_transform(landmarks5, size), size
-  if kind == "square":
-    return square_transform(box, size), size
+  if kind == "multiview":
+    return framing_transform(box, size, framing or MULTIVIEW_FRAMING), size
   if kind == "facelift":
     return facelift_transform(box), FACELIFT_SIZE
   raise ValueError(f"unknown crop {kind!r} (known: {', '.join(CROPS)})")

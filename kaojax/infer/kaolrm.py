@@ -7,7 +7,8 @@ Per photo or sampled video frame (`kaojax.infer.runner`: inputs, background deco
 and detection, batches, results.jsonl, reruns): MTCNN (`kaojax.infer.detect`,
 FaceLift's settings) -> faces with probability > face_threshold, the largest
 (`faces=largest`, by box area) or all (`faces=all`) -> a crop of each
-(`kaojax.infer.crops`: `ffhq` for a monocular model, `square` for the multi-view one,
+(`kaojax.infer.crops`: `ffhq` for a monocular model, `multiview` for the multi-view
+one (framed like its training renders: `multiview_framing`),
 `facelift`, or `full`: no detection) -> the model's source image
 (`kaojax.images.prepare_source_image`) -> `KaoLRM.forward_and_render` at the canonical
 source camera (normalised focal synth_focal), in fixed-size batches padded to
@@ -328,7 +329,7 @@ def parse_outputs(spec: str) -> tuple:
 def resolve_crop(config, model: KaoLRM) -> str:
   kind = config.crop
   if kind == "auto":
-    kind = "ffhq" if model.cfg.monocular else "square"
+    kind = "ffhq" if model.cfg.monocular else "multiview"
   if kind not in crops.CROPS + ("full",):
     raise ValueError(f"unknown crop {config.crop!r} (known: auto, full, "
                      f"{', '.join(crops.CROPS)})")
@@ -349,6 +350,8 @@ class KaoLRMTask(runner.Task):
     self.crop_size = (self.source_size if self.crop_kind == "full"
                       else crops.output_size(self.crop_kind, self.source_size))
     self.synth_focal = float(config.synth_focal)
+    if config.multiview_framing:
+      self.framing = crops.Framing.parse(config.multiview_framing)
     self.recon = Reconstructor(model, config.batch_size, self.render_size, self.synth_focal,
                                config.seed, local_devices(int(config.devices)))
     self.batch_size = self.recon.batch_size
@@ -433,6 +436,6 @@ def run(config, workdir) -> dict:
 
 # Config fields of this task that change an input's outputs (a rerun with other
 # values redoes it).
-TASK_SETTINGS = ("model", "preset", "monocular", "flame_path", "synth_focal",
-                 "render_size", "num_samples", "dtype", "turntable_frames",
+TASK_SETTINGS = ("model", "preset", "monocular", "flame_path", "multiview_framing",
+                 "synth_focal", "render_size", "num_samples", "dtype", "turntable_frames",
                  "video_smoothing")

@@ -68,8 +68,9 @@ class Task:
   `predict` and `write_face` (and `finish_video` for sequence outputs)."""
   name = "infer"
   batch_size = 1          # faces per `predict` call
-  crop_kind = "square"    # kaojax.infer.crops kind, or "full"
+  crop_kind = "multiview"    # kaojax.infer.crops kind, or "full"
   crop_size = 224         # side of the crop in pixels
+  framing = None          # the multiview crop's crops.Framing (None: its default)
   settings: dict = {}     # task fields recorded in every row (reruns compare them)
 
   def prepare(self, crop: np.ndarray) -> np.ndarray:
@@ -335,7 +336,7 @@ class Loader:
         frame.detected = int(np.sum(np.asarray(scores) > config.face_threshold))
         found = [(boxes[i], float(scores[i]), landmarks[i],
                   crops.crop_transform(task.crop_kind, boxes[i], landmarks[i],
-                                       task.crop_size)[0]) for i in keep]
+                                       task.crop_size, task.framing)[0]) for i in keep]
       frame.seconds["detect"] = time.perf_counter() - start
       start = time.perf_counter()
       for k, (box, score, lmk, m) in enumerate(found):

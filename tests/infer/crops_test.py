@@ -30,12 +30,21 @@ def test_facelift_closed_form():
   assert crops.crop_transform("facelift", box, UPRIGHT, 224)[1] == 512
 
 
-def test_square_closed_form():
-  m = crops.square_transform((10.0, 20.0, 110.0, 70.0), 224, expand=1.8)  # side 180
-  np.testing.assert_allclose(m, [[224 / 180, 0, 112 - 60 * 224 / 180],
-                                 [0, 224 / 180, 112 - 45 * 224 / 180]], atol=1e-12)
-  np.testing.assert_allclose(crops.apply_affine(m, [[60 - 90, 45 - 90], [60 + 90, 45 + 90]]),
-                             [[0, 0], [224, 224]], atol=1e-9)
+def test_framing_closed_form():
+  box = (10.0, 20.0, 110.0, 70.0)                   # w 100, h 50: mean side 75
+  framing = crops.Framing(0.25, (0.5, 0.6))         # 75 px -> 56 px of 224
+  m = crops.framing_transform(box, 224, framing)
+  s = 224 * 0.25 / 75
+  np.testing.assert_allclose(m, [[s, 0, 112 - 60 * s], [0, s, 0.6 * 224 - 45 * s]],
+                             atol=1e-12)
+  np.testing.assert_allclose(crops.crop_transform("multiview", box, None, 224, framing)[0], m)
+  default = crops.crop_transform("multiview", box, None, 224)[0]   # 1/1.8, centred
+  np.testing.assert_allclose(default, crops.framing_transform(box, 224, crops.MULTIVIEW_FRAMING))
+  assert crops.Framing.parse("0.25, 0.5,0.6") == framing
+  with pytest.raises(ValueError, match="face_size,cx,cy"):
+    crops.Framing.parse("0.25,0.5")
+  with pytest.raises(ValueError, match="bad framing"):
+    crops.Framing(-1.0, (0.5, 0.5))
 
 
 def test_ffhq_closed_form_upright():

@@ -141,13 +141,15 @@ def test_face_outputs(photos, run_cli):
     np.testing.assert_allclose(np.load(ref / "mesh_lmks.npy"),
                                params["landmarks3d"] * to_reference, atol=1e-6)
   # The box and landmarks are in photo pixels: the astronaut's face, and the crop
-  # transform maps its landmarks inside the (square) crop.
+  # transform maps its landmarks inside the crop.
   params = np.load(run_cli / "astronaut" / "params.npz")
   x0, y0, x1, y1 = params["box"]
   assert 150 < x0 < x1 < 300 and 30 < y0 < y1 < 200
   inside = crops.apply_affine(params["crop_transform"], params["landmarks5"])
   assert (inside > 0).all() and (inside < int(params["crop_size"])).all()
-  assert str(params["crop_kind"]) == "square"
+  assert str(params["crop_kind"]) == "multiview"
+  np.testing.assert_allclose(params["crop_transform"], crops.framing_transform(
+      params["box"], int(params["crop_size"]), crops.MULTIVIEW_FRAMING), atol=1e-4)
 
 
 def test_rerun_skips_finished_inputs(photos, run_cli):
