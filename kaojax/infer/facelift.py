@@ -377,6 +377,9 @@ def run(models: FaceLiftModels, image, out_dir, cfg: FaceLiftConfig = FaceLiftCo
 # The job over photos, folders and videos (configs/infer_facelift.py).
 
 
+CROP_SIZE = 512                                # the released models' image size
+
+
 class FaceLiftTask(runner.Task):
   """FaceLift as the runner's task: MTCNN -> FaceLift's crop (512 canvas, resized to
   the models' image size) -> views, Gaussians, renders -> the files of
@@ -429,9 +432,6 @@ class FaceLiftTask(runner.Task):
              crop_transform=face.transform, crop_size=np.int32(self.crop_size),
              image_size=np.array(frame.image_size, np.int32))
     write_outputs(face.result, folder, self.cfg.turntable_fps)
-
-
-CROP_SIZE = 512                                # the released models' image size
 
 
 def run_job(config, workdir) -> dict:
