@@ -78,13 +78,13 @@ MANYLINUX = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 
 # Sizes: the issue's on a GPU, toys for --cpu-dry-run.
 GPU_SIZES = dict(
-    surfels=8000, render_size=192, views=16, render_repeats=5, tile_capacity=1024,
+    surfels=8000, render_size=192, views=16, render_repeats=5,
     train_preset="base", train_batch=16, train_repeats=3, dtype="bfloat16",
     infer_preset="base", infer_batches=(1, 64), infer_repeats=5,
     facelift_presets="facelift", facelift_size=512, facelift_steps=50, facelift_views=6,
     unet_repeats=5, parity_select="not cpu")
 DRY_SIZES = dict(
-    surfels=300, render_size=32, views=2, render_repeats=1, tile_capacity=256,
+    surfels=300, render_size=32, views=2, render_repeats=1,
     train_preset="tiny", train_batch=2, train_repeats=1, dtype="bfloat16",
     infer_preset="tiny", infer_batches=(1, 2), infer_repeats=1,
     facelift_presets="tiny", facelift_size=32, facelift_steps=2, facelift_views=6,
@@ -420,7 +420,7 @@ def step_render(args, w):
   from render import _measure, head_scene   # benchmarks/render.py
   s = _sizes(args)
   num, size, views = s["surfels"], s["render_size"], s["views"]
-  w.update(surfels=num, image_size=size, views=views, tile_capacity=s["tile_capacity"],
+  w.update(surfels=num, image_size=size, views=views,
            units="ms per call for all views (best of repeats, compile excluded)",
            loss="weighted sum of colour, alpha, depth and normal", **_device_info())
   _, _, gaussians, viewmats, Ks, weights = head_scene(num, size, views)
@@ -430,7 +430,7 @@ def step_render(args, w):
   configs = {"native": dict(backend="native"), "reference": dict(block_size=16,
                                                                  backend="reference")}
   for name, cfg in configs.items():
-    cfg = dict(tile_size=16, tile_capacity=s["tile_capacity"], **cfg)
+    cfg = dict(tile_size=16, **cfg)
 
     def forward(g, cfg=cfg):
       return rasterize_surfels(g, viewmats, Ks, size, size, background, **cfg)

@@ -1,20 +1,28 @@
-"""Native rasterizers vs the pure-JAX reference (and the dense compositor), same run.
+"""Native rasterizers vs the pure-JAX reference (and the dense compositor), same run,
+and the FaceLift-size 3D Gaussian scene.
 
-    python benchmarks/render.py [--quick] [--capacity 1024] [--dense]
+    python benchmarks/render.py [--quick] [--dense] [--facelift-sizes 300000,1000000]
 
-Scene: surfels bound to the synthetic FLAME head (area-weighted surface samples,
-as KaoLRM), 16 views around the face; the head mesh itself for the mesh
+KaoLRM scene: surfels bound to the synthetic FLAME head (area-weighted surface
+samples, as KaoLRM), 16 views around the face; the head mesh itself for the mesh
 rasterizer. Default size: 8,000 surfels, 192x192, 16 views; --quick: 600
 surfels, 48x48, 2 views.
 
 - native: `rasterize_surfels(..., backend="native")` / `rasterize_mesh(...,
   backend="native")`, the C++ (CPU) or CUDA kernels through XLA FFI.
 - reference: the same calls with backend="reference" (pure JAX, 16x16 tiles,
-  per-tile capacity, top-K by depth).
+  sort-based binning with the intersection budget counted before compiling).
 - dense (--dense): the reference compositing math with ONE tile covering the
-  whole image and capacity N, every surfel at every pixel in depth order; slow
-  on a CPU, so it renders 1 of the 16 views and its times are scaled to 16
-  (flagged in the JSON); --dense-views 16 measures all.
+  whole image, every surfel at every pixel in depth order; slow on a CPU, so it
+  renders 1 of the 16 views and its times are scaled to 16 (flagged in the JSON);
+  --dense-views 16 measures all.
+
+FaceLift scene (native only; --facelift-sizes, default 300,000 and 1,000,000;
+--quick: 20,000): that many flattened 3D Gaussians covering the head in
+FaceLift's world, its six 512x512 cameras (`kaojax.render.demo.facelift_head_scene`);
+forward and forward+backward times, tile intersections (all views) and the busiest
+tile, XLA's buffer estimate and the process's peak resident memory (which also
+counts the native kernels' own tile lists).
 All are jitted; forward = colour/alpha/depth/normal (mesh: depth/normal/mask),
 backward = gradient of a weighted sum of all outputs w.r.t. every Gaussian
 parameter (mesh: the vertices). Times are the best of --repeats runs of the
@@ -26,6 +34,7 @@ peak bytes in use. The last stdout line is one JSON object; its key
 
 import argparse
 import json
+import resource
 import time
 
 import jax
@@ -33,8 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from timing import device_peak_bytes
-from kaojax.render.demo import head_cameras, head_vertices, surfels_on_surface
-from kaojax.render import rasterize_mesh, rasterize_surfels
+from kaojax.render import rasterize_gaussians, rasterize_mesh, rasterize_surfels, tiles
+from kaojax.render import gaussian3d, mesh, surfel
+from kaojax.render.demo import (facelift_head_scene, head_cameras, head_vertices,
+                                surfels_on_surface)
 
 
 def _compile_and_time(fn, args, repeats):
@@ -92,7 +103,9 @@ def _measure(name, forward, loss, args, repeats):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-  parser.add_argument("--capacity", type=int, default=None, help="per-tile capacity")
+  parser.add_argument("--facelift-sizes", default=None,
+                      help="comma-separated Gaussian counts of the FaceLift scene "
+                           "(default 300000,1000000; --quick 20000; 0 skips it)")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--dense", action="store_true", help="also time the dense compositor")
   parser.add_argument("--dense-views", type=int, default=None,
@@ -100,21 +113,31 @@ def main():
                            "1 otherwise; its times are scaled linearly to all views)")
   args = parser.parse_args()
   num, size, views = (600, 48, 2) if args.quick else (8000, 192, 16)
-  capacity = args.capacity or 1024
   repeats = args.repeats or 3
   dense_views = min(views, args.dense_views or (views if args.quick else 1))
 
   vertices, faces, gaussians, viewmats, Ks, weights = head_scene(num, size, views)
   background = jnp.zeros(3)
 
+  grid = tiles.TileGrid(size, size, 16)
+  # The reference's static intersection budget, counted before compiling (inside a
+  # jit it would have to assume the worst case).
+  budget = tiles.plan_budget(
+      None, lambda *a: surfel.count_intersections(*a, grid=grid), num, grid, gaussians,
+      viewmats, Ks)
+  whole = tiles.TileGrid(size, size, size)
+  dense_budget = tiles.plan_budget(
+      None, lambda *a: surfel.count_intersections(*a, grid=whole), num, whole, gaussians,
+      viewmats[:dense_views], Ks[:dense_views])
   surfel_configs = {
-      "native": (views, dict(tile_size=16, tile_capacity=capacity, backend="native")),
-      "reference": (views, dict(tile_size=16, tile_capacity=capacity, block_size=16,
+      "native": (views, dict(tile_size=16, backend="native")),
+      "reference": (views, dict(tile_size=16, block_size=16, intersection_budget=budget,
                                 backend="reference")),
   }
   if args.dense:
-    surfel_configs["dense"] = (dense_views, dict(tile_size=size, tile_capacity=num,
-                                                 block_size=128, backend="reference"))
+    surfel_configs["dense"] = (dense_views, dict(tile_size=size, block_size=128,
+                                                 intersection_budget=dense_budget,
+                                                 backend="reference"))
   surfels, outs = {}, {}
   for name, (nv, cfg) in surfel_configs.items():
     def forward(g, cfg=cfg, nv=nv):
@@ -129,11 +152,14 @@ def main():
     surfels[name] = res
 
   mesh_weights = {k: weights[k] for k in ("depth", "normal")}
+  mesh_budget = tiles.plan_budget(
+      None, lambda *a: mesh.count_intersections(*a, grid=grid), len(faces), grid, vertices,
+      faces, viewmats, Ks)
   meshes = {}
   for name in ("native", "reference"):
     def mesh_forward(v, name=name):
-      return rasterize_mesh(v, faces, viewmats, Ks, size, size, tile_capacity=capacity,
-                            backend=name)
+      return rasterize_mesh(v, faces, viewmats, Ks, size, size, backend=name,
+                            intersection_budget=mesh_budget if name == "reference" else None)
 
     def mesh_loss(v, name=name):
       out = mesh_forward(v)
@@ -150,7 +176,8 @@ def main():
   summary = {
       "benchmark": "render",
       "device": str(jax.devices()[0].platform),
-      "surfels": num, "size": size, "views": views, "tile_capacity": capacity,
+      "surfels": num, "size": size, "views": views,
+      "reference_budget": {"intersections": budget.intersections, "per_tile": budget.per_tile},
       "surfel": surfels, "mesh": meshes,
       "native_over_reference": ratio(surfels["reference"], surfels["native"], "fwd_bwd_s"),
       "native_over_reference_fwd": ratio(surfels["reference"], surfels["native"], "fwd_s"),
@@ -165,7 +192,47 @@ def main():
     summary["dense_times_scaled_from_fewer_views"] = dense["views_measured"] < views
     summary["native_over_dense"] = round(dense["fwd_bwd_s"] * scale / surfels["native"]["fwd_bwd_s"], 2)
     summary["reference_over_dense"] = round(dense["fwd_bwd_s"] * scale / surfels["reference"]["fwd_bwd_s"], 2)
+  sizes = args.facelift_sizes or ("20000" if args.quick else "300000,1000000")
+  summary["facelift"] = [facelift(int(n), 128 if args.quick else 512, repeats)
+                         for n in sizes.split(",") if int(n) > 0]
   print(json.dumps(summary))
+
+
+def facelift(num: int, size: int, repeats: int):
+  """The FaceLift-size scene (native): times, intersections, memory."""
+  gaussians, viewmats, Ks = facelift_head_scene(num, size, 6)
+  grid = tiles.TileGrid(size, size, 16)
+  totals, busiest = gaussian3d.count_intersections(gaussians, viewmats, Ks, grid=grid)
+  weights = jnp.asarray(np.random.default_rng(0).uniform(size=(6, size, size, 3)), jnp.float32)
+
+  def forward(g):
+    return rasterize_gaussians(g, viewmats, Ks, size, size, backend="native")
+
+  def loss(g):
+    out = forward(g)
+    return jnp.sum(weights * out["color"]) + jnp.sum(out["alpha"])
+
+  res, _ = _measure(f"facelift {num}", forward, loss, (gaussians,), repeats)
+  res.update(gaussians=num, size=size, views=6, intersections=int(jnp.sum(totals)),
+             intersections_per_view=[int(t) for t in totals],
+             busiest_tile=int(jnp.max(busiest)),
+             old_cap_1024_would_drop=int(_dropped_by_cap(gaussians, viewmats, Ks, grid, 1024)),
+             process_peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+  print(f"facelift {num}: {res['intersections']} intersections over 6 views, busiest tile "
+        f"{res['busiest_tile']}, a 1024 cap would drop {res['old_cap_1024_would_drop']}, "
+        f"peak RSS {res['process_peak_rss_mib']} MiB", flush=True)
+  return res
+
+
+def _dropped_by_cap(gaussians, viewmats, Ks, grid, cap):
+  """Intersections a per-tile cap of `cap` would drop (what the old binning did)."""
+  def per_view(vm, K):
+    proj = gaussian3d.project_gaussians(gaussians.means, gaussians.quats, gaussians.scales, vm,
+                                        K, grid.width, grid.height)
+    counts = tiles.tile_counts(grid, *tiles.gaussian_tile_rect(grid, proj["means2d"],
+                                                               proj["radii"]))
+    return jnp.sum(jnp.maximum(counts - cap, 0))
+  return jnp.sum(jax.jit(jax.vmap(per_view))(viewmats, Ks))
 
 
 if __name__ == "__main__":

@@ -14,18 +14,9 @@ scans_lmks_onlypp/, iphone_pictures/). PRED: predictions in NoW's submission lay
 tiny random-weight model on it end to end: a smoke test, not a reconstruction.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _infer_config(arg: str):
-  path = pathlib.Path(__file__).with_name("infer_kaolrm.py")
-  spec = importlib.util.spec_from_file_location("infer_kaolrm_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from configs import infer_kaolrm
 
 
 def get_config(arg: str = ""):
@@ -56,7 +47,7 @@ def get_config(arg: str = ""):
   config.synthetic.num_subjects = 2
   config.synthetic.images_per_challenge = 1
   config.synthetic.image_size = 128
-  config.infer = _infer_config(arg)
+  config.infer = infer_kaolrm.get_config(arg)
   config.infer.crop = "full" if arg == "tiny" else config.infer.crop
   config.infer.outputs = "mesh,lmk7"
   if arg == "tiny":

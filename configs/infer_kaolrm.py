@@ -6,10 +6,8 @@
 
 PHOTOS: an image or a video, a folder (recursive), a glob or a text file of paths.
 MODEL_DIR: a converted KaoLRM model directory (`kaojax.models.loading.save_model`, e.g.
-`python -m kaojax.convert.openlrm --kind kaolrm ...`). A training work directory
-(Orbax TrainState checkpoints) is not accepted: its run config is not saved, so the
-network cannot be rebuilt from it alone; save its model with
-`kaojax.models.loading.save_model` first.
+`python -m kaojax.convert.openlrm --kind kaolrm ...`) or a training run's work
+directory (its latest complete checkpoint).
 `:tiny` runs random tiny-preset weights with the synthetic FLAME (no MODEL_DIR): a
 smoke test of the pipeline, not a reconstruction.
 See kaojax/infer/kaolrm.py for the outputs.
@@ -23,7 +21,7 @@ def get_config(arg: str = ""):
   config.job = "infer_kaolrm"
   config.seed = 0
   config.input = ""
-  config.model = ""                 # converted KaoLRM model directory
+  config.model = ""                 # converted KaoLRM model or training work directory
   # Without a model directory: random weights of this preset (tests and smoke runs).
   config.preset = ""
   config.monocular = False          # random-weight preset only (a model dir knows)

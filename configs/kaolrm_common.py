@@ -56,10 +56,6 @@ def base_config():
   # Rasterizers: "auto" (native C++/CUDA kernels where built, else pure JAX),
   # "native" (fail if not built) or "reference" (pure JAX).
   config.render.backend = "auto"
-  # Primitives kept per 16-px screen tile; the metrics `surfel_overflow` and
-  # `mesh_overflow` count what each renderer dropped. None: the renderers' default.
-  config.render.surfel_tile_capacity = ml_collections.FieldReference(None, field_type=int)
-  config.render.mesh_tile_capacity = ml_collections.FieldReference(None, field_type=int)
   # The mesh rasterizer's tile side in pixels (None: its default, 16).
   config.render.mesh_tile_size = ml_collections.FieldReference(None, field_type=int)
 
@@ -131,12 +127,9 @@ def tiny_overrides(config, stage1_steps: int, stage2_steps: int):
   # degrees on held-out subjects. A sine-cosine table gives them their place.
   config.model.encoder_position_init = "sincos"
   config.data.render_size = 32
-  config.render.surfel_tile_capacity = 64
-  # The 8,316-face head in a 32-px render: a 16-px tile sees up to ~3,000 faces
-  # (with 1,024 kept, faces went missing from the mesh renders); 4-px tiles see at
-  # most ~1,700, drop none with 2,048 kept and render 2.5x faster.
+  # The 8,316-face head in a 32-px render: a 16-px tile sees up to ~3,000 faces,
+  # 4-px tiles at most ~1,700, and render 2.5x faster.
   config.render.mesh_tile_size = 4
-  config.render.mesh_tile_capacity = 2048
   # 32 views per subject as in the paper's protocol: the network has to learn the head
   # pose from the source image, and 8 views per subject left too few distinct source
   # images (the landmark error stalled at the mean head's).

@@ -232,9 +232,10 @@ def monocular_loader(root, split: str, synth_focal: float, cfg: PipelineConfig):
 
 
 def make_dataset(loader: SkippingLoader, batch_size: int, seed: int,
-                 shuffle: bool = True, process_index: int = 0, process_count: int = 1):
-  """Batched grain MapDataset (of `Batch`es) over an endless (or, unshuffled,
-  single) pass.
+                 shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+                 batch_fn=make_batch):
+  """Batched grain MapDataset (of `batch_fn(samples)`: KaoLRM `Batch`es by default)
+  over an endless (or, unshuffled, single) pass.
 
   Batch `b` of host `process_index` is a pure function of (seed, b): a run resumes
   exactly by slicing `dataset[step:]`. Each host reads a disjoint stride of the
@@ -245,7 +246,7 @@ def make_dataset(loader: SkippingLoader, batch_size: int, seed: int,
   if shuffle:
     indices = indices.shuffle(seed=seed).repeat()
   dataset = indices.seed(seed).random_map(loader)
-  return dataset.batch(batch_size, drop_remainder=True, batch_fn=make_batch)
+  return dataset.batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
 
 
 def iterate(dataset, start_step: int = 0, num_workers: int = 0):

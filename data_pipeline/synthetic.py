@@ -15,7 +15,6 @@ of each subject).
 """
 
 import argparse
-import functools
 import pathlib
 
 import jax
@@ -97,31 +96,23 @@ def vertex_albedo(rng, vertices, landmarks, masks):
 
 class SubjectRenderer:
   """(vertices [V,3], colours [V,3], viewmats [N,4,4], K [3,3], light [3]) ->
-  (rgba [N,H,W,4], facial mask source data: face_id [N,H,W], mask [N,H,W]), exact:
-  the mesh rasterizer's per-tile capacity is doubled until no face is dropped."""
+  (rgba [N,H,W,4], facial mask source data: face_id [N,H,W], mask [N,H,W]), exact
+  (the mesh rasterizer drops no face)."""
 
-  def __init__(self, faces, size: int, tile_capacity: int = 2048):
-    self.faces, self.size, self.capacity = jnp.asarray(faces), size, tile_capacity
+  def __init__(self, faces, size: int):
+    self.faces, self.size = jnp.asarray(faces), size
     # Tiles of 1/16 of the image side (4 px at least): the head fills the image,
     # so a tile sees a few hundred faces of its front and back surfaces.
     self.tile_size = max(4, size // 16)
-    self._jitted = {}
+    self._jitted = jax.jit(self._render)
 
   def __call__(self, *args):
-    while True:
-      if self.capacity not in self._jitted:
-        self._jitted[self.capacity] = jax.jit(functools.partial(self._render,
-                                                                capacity=self.capacity))
-      *outputs, overflow = (np.asarray(a) for a in self._jitted[self.capacity](*args))
-      if not overflow.any() or self.capacity >= len(self.faces):
-        return outputs
-      self.capacity *= 2
+    return [np.asarray(a) for a in self._jitted(*args)]
 
-  def _render(self, vertices, colors, viewmats, K, light, capacity):
+  def _render(self, vertices, colors, viewmats, K, light):
     from kaojax.render import rasterize_mesh  # pylint: disable=import-outside-toplevel
     faces, size = self.faces, self.size
-    maps = rasterize_mesh(vertices, faces, viewmats, K, size, size, tile_size=self.tile_size,
-                          tile_capacity=capacity)
+    maps = rasterize_mesh(vertices, faces, viewmats, K, size, size, tile_size=self.tile_size)
     tri = faces[maps["face_id"]]                                  # [N, H, W, 3]
     albedo = jnp.einsum("...k,...kc->...c", maps["bary"], colors[tri])
     world_normals = geometry.vertex_normals(vertices, faces)
@@ -131,7 +122,7 @@ class SubjectRenderer:
     mask = maps["mask"]
     rgb = jnp.where(mask[..., None], albedo * shade[..., None], 0.0)
     rgba = jnp.concatenate([rgb, mask[..., None].astype(rgb.dtype)], -1)
-    return rgba, maps["face_id"], mask, maps["overflow"]
+    return rgba, maps["face_id"], mask
 
 
 def generate(out, num_subjects: int, num_views: int = 32, image_size: int = 128,

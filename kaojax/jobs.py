@@ -5,11 +5,15 @@ import pathlib
 
 # job name -> "module:function" taking (config, workdir).
 JOBS = {
+    "eval_facelift": "kaojax.evaluate.facelift_job:run",
+    "eval_multiview": "kaojax.evaluate.multiview_job:run",
     "eval_now": "kaojax.evaluate.now_job:run",
     "flame_demo": "kaojax.flame.demo:run",
     "infer_facelift": "kaojax.infer.facelift:run_job",
     "infer_kaolrm": "kaojax.infer.kaolrm:run",
     "train": "kaojax.train.loop:train_and_evaluate",
+    "train_gslrm": "kaojax.train.facelift_gslrm:train",
+    "train_mvdiff": "kaojax.train.facelift_mvdiff:train",
 }
 
 

@@ -109,9 +109,8 @@ class FlameModel:
     full_pose = jnp.concatenate([pose_b[:, :3], neck, pose_b[:, 3:], eyes], 1).reshape(batch, 5, 3)
 
     model = self.astype(dtype)
-    betas = jnp.concatenate([shape_b, expr_b], 1)
-    blenddirs = jnp.concatenate([model.shapedirs, model.exprdirs], -1)
-    vertices, joints = lbs(betas, full_pose, model.v_template, blenddirs, model.posedirs,
+    blend = ((shape_b, model.shapedirs), (expr_b, model.exprdirs))
+    vertices, joints = lbs(blend, full_pose, model.v_template, model.posedirs,
                            model.j_regressor, model.weights, self.parents)
 
     yaw = lmk.head_yaw_degrees(pose_b[:, :3], neck)

@@ -60,22 +60,21 @@ def intrinsics(size: int, synth_focal: float) -> np.ndarray:
 
 def turntable_renders(gaussians, size: int, num_frames: int, synth_focal: float = 0.75,
                       elevation_deg: float = 0.0, background=(1.0, 1.0, 1.0), *,
-                      chunk_size: int = 8, tile_capacity=None) -> np.ndarray:
+                      chunk_size: int = 8) -> np.ndarray:
   """gaussians: `kaojax.render.Gaussians` of one face (means [N, 3], ..., no batch
   axis) -> float32 [F, size, size, 3] surfel colours over `background`, in [0, 1].
   Frames are rendered `chunk_size` at a time (the last chunk padded with frame 0, so
-  one compilation serves all chunks); tile_capacity: the renderer's (None: default)."""
+  one compilation serves all chunks)."""
   viewmats = orbit_viewmats(num_frames, elevation_deg)
   K = intrinsics(size, synth_focal)
   chunk = max(1, min(int(chunk_size), num_frames))
-  options = {} if tile_capacity is None else {"tile_capacity": int(tile_capacity)}
   frames = []
   for start in range(0, num_frames, chunk):
     views = viewmats[start:start + chunk]
     count = len(views)
     views = np.concatenate([views, np.repeat(viewmats[:1], chunk - count, 0)])
     out = rasterize_surfels(gaussians, views, np.broadcast_to(K, (chunk, 3, 3)), size, size,
-                            np.asarray(background, np.float32), **options)
+                            np.asarray(background, np.float32))
     frames.append(np.asarray(out["color"])[:count])
   return np.clip(np.concatenate(frames), 0.0, 1.0).astype(np.float32)
 

@@ -92,8 +92,7 @@ def load_models(mvdiffusion_folder, gslrm_checkpoint, text_embeddings,
   attention_chunk: query block size of every attention (bounds the logits memory:
   at 512 px the UNet's first level has 6 x 2 x 4096 queries against 8192 keys)."""
   from kaojax.convert.clip import load_clip_vision
-  from kaojax.convert.diffusers import load_unet, load_vae, read_diffusers_folder
-  from kaojax.convert.gslrm import load_gslrm
+  from kaojax.convert.diffusers import read_diffusers_folder
   from kaojax.convert.torch_state import read_json
   root = pathlib.Path(mvdiffusion_folder)
   for sub in ("unet", "vae", "image_encoder", "image_normalizer"):
@@ -106,24 +105,28 @@ def load_models(mvdiffusion_folder, gslrm_checkpoint, text_embeddings,
   sched = read_json(root / "scheduler" / "scheduler_config.json")
   noising = read_json(root / "image_noising_scheduler" / "scheduler_config.json")
 
-  def network(path, kind, convert_now, **options):
-    """A kaojax model directory, or the released weights converted on the way in."""
-    if loading.is_model_directory(path):
-      return loading.load_network(path, kind, **options)
-    return convert_now(path, **options)
-
   models = FaceLiftModels(
-      unet=network(root / "unet", "unet", load_unet, num_views=num_views, dtype=dtype,
-                   attention_chunk=attention_chunk),
-      vae=network(root / "vae", "vae", load_vae, dtype=dtype),
+      unet=_network(root / "unet", "unet", num_views=num_views, dtype=dtype,
+                    attention_chunk=attention_chunk),
+      vae=_network(root / "vae", "vae", dtype=dtype),
       clip=load_clip_vision(root / "image_encoder", dtype=dtype),
-      gslrm=network(gslrm_checkpoint, "gslrm", load_gslrm, attention_chunk=attention_chunk),
+      gslrm=_network(gslrm_checkpoint, "gslrm", attention_chunk=attention_chunk),
       text_embeddings=jnp.asarray(load_text_embeddings(text_embeddings)),
       normalizer_mean=jnp.asarray(norm["mean"]).reshape(-1),
       normalizer_std=jnp.asarray(norm["std"]).reshape(-1),
       noising_scheduler=(SchedulerConfig.from_diffusers(noising) if noising
                          else NOISING_SCHEDULER))
   return models, (SchedulerConfig.from_diffusers(sched) if sched else SchedulerConfig())
+
+
+def _network(path, kind: str, **options):
+  """A kaojax model directory (converted, or written by a training run), or the
+  released PyTorch / diffusers weights converted on the way in."""
+  if loading.is_model_directory(path):
+    return loading.load_network(path, kind, **options)
+  from kaojax.convert.diffusers import load_unet, load_vae
+  from kaojax.convert.gslrm import load_gslrm
+  return {"unet": load_unet, "vae": load_vae, "gslrm": load_gslrm}[kind](path, **options)
 
 
 def load_text_embeddings(path) -> np.ndarray:
@@ -395,6 +398,8 @@ class FaceLiftTask(runner.Task):
     self.crop_kind = config.crop
     if config.tiny:
       self.models, scheduler, self.image_size = tiny_models(), SchedulerConfig(), 32
+      if config.gslrm:      # a trained (e.g. tiny) GS-LRM in place of the toy one
+        self.models.gslrm = _network(config.gslrm, "gslrm")
     else:
       missing = [k for k in ("mvdiffusion", "gslrm", "text_embeddings") if not config[k]]
       if missing:

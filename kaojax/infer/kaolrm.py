@@ -54,9 +54,10 @@ OUT/<name>/overlay.mp4 (the smoothed meshes and landmarks over the sampled frame
 OUT/results.jsonl and summary.json: `kaojax.infer.runner`. A photo whose outputs are
 not all finite is an `error` row and writes nothing.
 
-Model: `model` is a converted KaoLRM model directory (`kaojax.models.loading`); a
-training work directory is refused (its run config is not saved; see
-configs/infer_kaolrm.py). Without one, `preset` builds random weights (tests).
+Model: `model` is a converted KaoLRM model directory or a training run's work
+directory, whose latest complete checkpoint is used (`kaojax.models.loading`; the
+step is part of the run's settings, so a rerun after more training redoes the inputs).
+Without one, `preset` builds random weights (tests).
 """
 
 import dataclasses
@@ -94,18 +95,16 @@ DEFAULT_FPS = 25.0      # a video whose container gives no frame rate
 
 
 def build_model(config) -> KaoLRM:
-  """The KaoLRM network of `config.model` (a converted model directory) or, without
-  one, random weights of `config.preset`."""
+  """The KaoLRM network of `config.model` (a converted model directory, or a training
+  run's work directory: its latest checkpoint) or, without one, random weights of
+  `config.preset`."""
   num_samples = {"num_samples": int(config.num_samples)} if config.num_samples else {}
   if config.model:
     directory = pathlib.Path(config.model)
-    if not loading.is_model_directory(directory):
-      hint = ""
-      if (directory / "checkpoints").is_dir():
-        hint = (": this looks like a training work directory; its run config is not "
-                "saved, so write its model with kaojax.models.loading.save_model first")
-      raise ValueError(f"--config.model={directory} is not a converted KaoLRM model "
-                       f"directory (no {loading.META_FILE}){hint}")
+    if not (loading.is_model_directory(directory) or loading.is_training_workdir(directory)):
+      raise ValueError(f"--config.model={directory} is neither a converted KaoLRM model "
+                       f"directory (no {loading.META_FILE}) nor a training work directory "
+                       "(no checkpoints/)")
     flame = None
     if config.flame_path:
       meta = loading.read_meta(directory)
@@ -431,6 +430,9 @@ class KaoLRMTask(runner.Task):
 def run(config, workdir) -> dict:
   """The job (module doc); returns the run's summary (also in summary.json)."""
   settings = {k: config[k] for k in TASK_SETTINGS}
+  if config.model and loading.is_training_workdir(config.model):
+    steps = loading.checkpoint_steps(pathlib.Path(config.model) / loading.CHECKPOINTS_DIR)
+    settings["checkpoint_step"] = steps[-1] if steps else None
   return runner.run(lambda: KaoLRMTask(config), config, workdir, settings)
 
 

@@ -29,6 +29,7 @@ from kaojax.geometry.rays import facelift_ray_encoding, pixel_rays
 from kaojax.models.presets import preset
 from kaojax.nn.attention import dot_product_attention
 from kaojax.nn.layers import layer_norm, linear
+from kaojax.nn.remat import remat_call
 from kaojax.render.gaussians import Gaussians
 from kaojax.sharding import EMBED, HEADS, MLP_HIDDEN
 
@@ -50,6 +51,7 @@ class GSLRMConfig:
   depth_preact_bias: float = 0.0  # added to the mean xyz logit before the sigmoid
   depth_range: float = 1.8        # t = (2 sigmoid(.) - 1) * depth_range + (-o.d)
   attention_chunk: Optional[int] = 1024   # query block size (memory), None: one block
+  remat: bool = False             # recompute each block's activations in the backward pass
   dtype: str = "float32"
 
 
@@ -205,7 +207,7 @@ class GSLRM(nnx.Module):
                                 (b, cfg.num_global, cfg.dim))
     x = self.input_norm(jnp.concatenate([globals_, tokens], axis=1))
     for block in self.blocks:
-      x = block(x)
+      x = remat_call(block, x) if cfg.remat else block(x)
 
     raw_global = self.global_head(self.global_norm(x[:, :cfg.num_global]))
     raw_pixel = self.pixel_head(self.pixel_norm(x[:, cfg.num_global:]))

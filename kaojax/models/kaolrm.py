@@ -203,22 +203,16 @@ class KaoLRMOutput:
 @dataclasses.dataclass(frozen=True)
 class RenderTiling:
   """Screen-tile settings of KaoLRM's renders (None: the renderer's default).
-  surfel_capacity / mesh_capacity: primitives kept per tile (the rest are dropped
-  and counted in the renders' `overflow`); mesh_tile_size: the mesh rasterizer's
-  tile side in pixels (smaller tiles test fewer faces per pixel: a dense mesh in a
-  small image needs them to fit the capacity)."""
-  surfel_capacity: int | None = None
-  mesh_capacity: int | None = None
+  mesh_tile_size: the mesh rasterizer's tile side in pixels (smaller tiles test
+  fewer faces per pixel: a dense mesh in a small image renders faster with them).
+  Nothing is ever dropped: the renderers bin without a per-tile cap."""
   mesh_tile_size: int | None = None
 
   def surfel_options(self) -> dict:
-    return {} if self.surfel_capacity is None else {"tile_capacity": self.surfel_capacity}
+    return {}
 
   def mesh_options(self) -> dict:
-    options = {} if self.mesh_capacity is None else {"tile_capacity": self.mesh_capacity}
-    if self.mesh_tile_size is not None:
-      options["tile_size"] = self.mesh_tile_size
-    return options
+    return {} if self.mesh_tile_size is None else {"tile_size": self.mesh_tile_size}
 
 
 DEFAULT_TILING = RenderTiling()

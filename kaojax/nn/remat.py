@@ -12,11 +12,12 @@ import jax
 from flax import nnx
 
 
-def remat_call(module: nnx.Module, *args):
-  """module(*args) with its activations recomputed in the backward pass."""
+def remat_call(module: nnx.Module, *args, **static):
+  """module(*args, **static) with its activations recomputed in the backward pass;
+  the keyword arguments are static (Python values, e.g. a view count)."""
   graphdef, state = nnx.split(module)
 
   def call(state, *args):
-    return nnx.merge(graphdef, state)(*args)
+    return nnx.merge(graphdef, state)(*args, **static)
 
   return jax.checkpoint(call)(state, *args)

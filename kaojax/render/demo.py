@@ -68,6 +68,25 @@ def head_cameras(vertices, size: int, num_views: int = 3):
   return cameras.invert_pose(c2w), jnp.broadcast_to(K, (num_views, 3, 3))
 
 
+def facelift_head_scene(num: int, size: int = 512, num_views: int = 6, key=None):
+  """A FaceLift-size 3D Gaussian scene: `num` flattened Gaussians (third scale 0.3x
+  the others, opacity 0.9) covering the FLAME head, scaled to a unit radius in
+  FaceLift's Z-up world and seen by FaceLift's first `num_views` cameras
+  (radius 2.7, 50 degree FOV) at size x size. Returns (Gaussians, viewmats
+  [num_views, 4, 4], Ks [num_views, 3, 3])."""
+  vertices, faces = head_vertices()
+  centre = jnp.mean(vertices, 0)
+  vertices = (vertices - centre) / jnp.max(jnp.linalg.norm(vertices - centre, axis=-1))
+  vertices = jnp.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], -1)   # Y up -> Z up
+  mean_edge = float(jnp.mean(jnp.linalg.norm(vertices[faces[:, 0]] - vertices[faces[:, 1]],
+                                             axis=-1)))
+  g = surfels_on_surface(jax.random.key(0) if key is None else key, vertices, faces, num,
+                         radius=0.8 * mean_edge * (8000 / num) ** 0.5)
+  g = g.replace(scales=g.scales.at[:, 2].set(0.3 * g.scales[:, 0]))
+  c2w, K = cameras.facelift_cameras(size)
+  return g, cameras.invert_pose(c2w)[:num_views], K[:num_views]
+
+
 def _to_png(path, images):
   from PIL import Image
   strip = np.concatenate(list(np.asarray(images)), axis=1)
@@ -104,8 +123,7 @@ def main(argv=None):
   mean_edge = float(jnp.mean(jnp.linalg.norm(vertices[faces[:, 0]] - vertices[faces[:, 1]], axis=-1)))
   gaussians = surfels_on_surface(jax.random.key(0), vertices, faces, args.num_surfels,
                                  radius=0.8 * mean_edge * (8000 / args.num_surfels) ** 0.5)
-  surf = rasterize_surfels(gaussians, viewmats, Ks, args.size, args.size, jnp.zeros(3),
-                           tile_capacity=512)
+  surf = rasterize_surfels(gaussians, viewmats, Ks, args.size, args.size, jnp.zeros(3))
   _to_png(out / "surfel_color.png", surf["color"])
   _to_png(out / "surfel_alpha.png", np.repeat(np.asarray(surf["alpha"])[..., None], 3, -1))
   _to_png(out / "surfel_depth.png", _depth_image(surf["depth"], surf["alpha"] > 0.5))
@@ -114,8 +132,7 @@ def main(argv=None):
   _to_png(out / "surfel_normal.png", np.where(np.asarray(surf["alpha"])[..., None] > 0.5,
                                               0.5 - 0.5 * n, 0))
   g3 = gaussians.replace(scales=gaussians.scales.at[:, 2].set(0.3 * gaussians.scales[:, 0]))
-  gs = rasterize_gaussians(g3, viewmats, Ks, args.size, args.size, jnp.ones(3),
-                           tile_capacity=512)
+  gs = rasterize_gaussians(g3, viewmats, Ks, args.size, args.size, jnp.ones(3))
   _to_png(out / "gaussians_color.png", gs["color"])
 
   both = (np.asarray(mesh["mask"]) & (np.asarray(surf["alpha"]) > 0.5))

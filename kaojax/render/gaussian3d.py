@@ -85,7 +85,7 @@ def gaussian_alpha(prim, pixels):
 
 
 def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, background, *,
-                     grid, eps2d, near_plane, far_plane, capacity, block_size, backend):
+                     grid, eps2d, near_plane, far_plane, budget, block_size, backend):
   proj = project_gaussians(means, quats, scales, viewmat, K, grid.width, grid.height,
                            eps2d, near_plane, far_plane)
   tmin, tmax, active = tiles.gaussian_tile_rect(grid, proj["means2d"], proj["radii"])
@@ -93,11 +93,12 @@ def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, backgr
     prims = jnp.concatenate([proj["means2d"], proj["conics"], opacities[:, None], colors,
                              proj["depths"][:, None]], -1)
     feats, trans, counts = native_ops.composite(
-        "gaussian", grid, capacity, prims.astype(jnp.float32), proj["depths"],
+        "gaussian", grid, prims.astype(jnp.float32), proj["depths"].astype(jnp.float32),
         tiles.tile_rects(tmin, tmax, active))
-    overflow = tiles.count_overflow(counts, capacity)
+    overflow = jnp.zeros((), jnp.int32)
   else:
-    bins = tiles.bin_to_tiles(grid, tmin, tmax, active, proj["depths"], capacity)
+    bins = tiles.bin_to_tiles(grid, tmin, tmax, active, proj["depths"], budget)
+    tiles.check_overflow(bins.overflow)
     prim = dict(means2d=proj["means2d"], conics=proj["conics"], opacities=opacities,
                 colors=colors, depths=proj["depths"])
     feats, trans = tiles.composite_tiles(grid, bins, prim, gaussian_alpha,
@@ -110,13 +111,36 @@ def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, backgr
               max_tile_count=jnp.max(counts))
 
 
-@functools.partial(jax.jit, static_argnames=("width", "height", "eps2d", "near_plane",
-                                             "far_plane", "tile_size", "tile_capacity",
-                                             "block_size", "backend"))
+def _count_one_view(means, quats, scales, opacities, colors, viewmat, K, background, *,
+                    grid, eps2d, near_plane, far_plane):
+  """(tile intersections, busiest tile's count) of one view: the binning's first pass."""
+  proj = project_gaussians(means, quats, scales, viewmat, K, grid.width, grid.height,
+                           eps2d, near_plane, far_plane)
+  counts = tiles.tile_counts(grid, *tiles.gaussian_tile_rect(grid, proj["means2d"],
+                                                             proj["radii"]))
+  return jnp.sum(counts), jnp.max(counts)
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "eps2d", "near_plane", "far_plane"))
+def count_intersections(gaussians, viewmats, Ks, *, grid, eps2d=EPS2D, near_plane=0.01,
+                        far_plane=1e10):
+  """(intersections [...], busiest tile's count [...]) per view, as rendered."""
+  return views.render_gaussian_views(_count_one_view, gaussians, viewmats, Ks, None, grid=grid,
+                                     eps2d=eps2d, near_plane=near_plane, far_plane=far_plane)
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "eps2d", "near_plane", "far_plane",
+                                             "budget", "block_size", "backend"))
+def _rasterize(gaussians, viewmats, Ks, background, **kwargs):
+  return views.render_gaussian_views(_render_one_view, gaussians, viewmats, Ks, background,
+                                     **kwargs)
+
+
 def rasterize_gaussians(gaussians: Gaussians, viewmats, Ks, width: int, height: int,
                         background=None, *, eps2d: float = EPS2D, near_plane: float = 0.01,
-                        far_plane: float = 1e10, tile_size: int = 16, tile_capacity: int = 1024,
-                        block_size: int = 16, backend: str | None = None):
+                        far_plane: float = 1e10, tile_size: int = 16,
+                        block_size: int = 16, intersection_budget=None,
+                        backend: str | None = None):
   """Render 3D Gaussians (EWA splatting, SH degree 0 colours).
 
   gaussians: `Gaussians` [g..., N, *]; viewmats [c..., 4, 4] world-to-camera
@@ -124,10 +148,17 @@ def rasterize_gaussians(gaussians: Gaussians, viewmats, Ks, width: int, height: 
   are aligned from the left (see `rasterize_surfels`).
   Returns dict: color [..., H, W, 3], alpha [..., H, W], depth [..., H, W]
   (expected centre depth, divided by alpha, 0 where alpha == 0), overflow [...]
-  and max_tile_count [...] (see `rasterize_surfels`, also for `backend`).
+  (always 0: nothing is dropped) and max_tile_count [...] (see
+  `rasterize_surfels`, also for the binning, `intersection_budget` and `backend`).
   """
   grid = tiles.TileGrid(width, height, tile_size)
-  return views.render_gaussian_views(
-      _render_one_view, gaussians, viewmats, Ks, background, grid=grid, eps2d=eps2d,
-      near_plane=near_plane, far_plane=far_plane, capacity=tile_capacity,
-      block_size=block_size, backend=native.resolve(backend, jnp.asarray(gaussians.means).dtype))
+  backend = native.resolve(backend, jnp.asarray(gaussians.means).dtype)
+  budget = None
+  if backend == "reference":
+    count = functools.partial(count_intersections, grid=grid, eps2d=eps2d,
+                              near_plane=near_plane, far_plane=far_plane)
+    budget = tiles.plan_budget(intersection_budget, count, jnp.shape(gaussians.means)[-2], grid,
+                               gaussians, viewmats, Ks)
+  return _rasterize(gaussians, viewmats, Ks, background, grid=grid, eps2d=eps2d,
+                    near_plane=near_plane, far_plane=far_plane, budget=budget,
+                    block_size=block_size, backend=backend)

@@ -2,10 +2,10 @@
 MeshRasterizer with blur 0 and one face per pixel.
 
 Two passes per view:
-1. Visibility (no gradient): faces are binned into 16x16 screen tiles (the
-   `capacity` nearest by their closest corner; the rest counted in `overflow`);
-   each tile's pixels take the nearest covering face (pixel centres at +0.5,
-   inside test on screen-space barycentrics, perspective-correct depth).
+1. Visibility (no gradient): faces are binned into 16x16 screen tiles by one
+   sort (kaojax/render/tiles.py: no per-tile cap, every covering face is
+   tested); each tile's pixels take the nearest covering face (pixel centres at
+   +0.5, inside test on screen-space barycentrics, perspective-correct depth).
 2. Shading (differentiable): with the face index held fixed, the pixel's
    screen-space barycentrics are recomputed from the projected vertices and
    made perspective-correct, giving depth, barycentrics and interpolated
@@ -74,21 +74,21 @@ def _face_tiles(grid, tri_pix, tri_z, active):
   return tile_min, tile_max, jnp.min(tri_z, -1), active & finite
 
 
-def _visibility_native(grid, tri_pix, tri_z, active, capacity):
+def _visibility_native(grid, tri_pix, tri_z, active):
   """Nearest face per pixel with the native kernel: face_id [H, W], counts."""
   tile_min, tile_max, keys, active = _face_tiles(grid, tri_pix, tri_z, active)
   tris = jnp.concatenate([tri_pix, tri_z[..., None]], -1).reshape(-1, 9)
-  face_id, counts = native_ops.mesh_visibility(
-      grid, capacity, tris.astype(jnp.float32), keys.astype(jnp.float32),
-      tiles.tile_rects(tile_min, tile_max, active))
-  return face_id, counts
+  return native_ops.mesh_visibility(grid, tris.astype(jnp.float32), keys.astype(jnp.float32),
+                                    tiles.tile_rects(tile_min, tile_max, active))
 
 
-def _visibility(grid, tri_pix, tri_z, active, capacity, block_size):
+def _visibility(grid, tri_pix, tri_z, active, budget, block_size):
   """Nearest face per pixel. tri_pix [F, 3, 2], tri_z [F, 3], active [F].
-  Returns face_id [H, W] int32 (-1 = background) and counts [num_tiles]."""
+  Returns face_id [H, W] int32 (-1 = background), counts [num_tiles] and the
+  overflow of the intersection budget []."""
   tile_min, tile_max, keys, active = _face_tiles(grid, tri_pix, tri_z, active)
-  bins = tiles.bin_to_tiles(grid, tile_min, tile_max, active, keys, capacity)
+  bins = tiles.bin_to_tiles(grid, tile_min, tile_max, active, keys, budget)
+  tiles.check_overflow(bins.overflow)
   num_tiles, cap = bins.ids.shape
   block = max(1, min(block_size, cap))
   nb = -(-cap // block)
@@ -115,10 +115,26 @@ def _visibility(grid, tri_pix, tri_z, active, capacity, block_size):
   init = (jnp.full((num_tiles, grid.pixels_per_tile), jnp.inf, tri_z.dtype),
           jnp.full((num_tiles, grid.pixels_per_tile), -1, jnp.int32))
   (_, fid), _ = jax.lax.scan(step, init, (ids, valid))
-  return grid.untile(fid), bins.counts
+  return grid.untile(fid), bins.counts, bins.overflow
 
 
-def _rasterize_one_view(vertices, normals, viewmat, K, *, faces, grid, near_plane, capacity,
+def _project_faces(vertices, viewmat, K, faces, near_plane):
+  """Projected corners tri_pix [F, 3, 2], their camera z tri_z [F, 3] and which
+  faces are in front of the near plane [F]."""
+  cam, pix = project_vertices(vertices, viewmat, K)
+  tri_z = cam[faces][..., 2]
+  return pix[faces], tri_z, jnp.all(tri_z > near_plane, -1)
+
+
+def _count_one_view(vertices, viewmat, K, *, faces, grid, near_plane):
+  """(tile intersections, busiest tile's count) of one view: the binning's first pass."""
+  tri_pix, tri_z, active = _project_faces(vertices, viewmat, K, faces, near_plane)
+  tile_min, tile_max, _, active = _face_tiles(grid, tri_pix, tri_z, active)
+  counts = tiles.tile_counts(grid, tile_min, tile_max, active)
+  return jnp.sum(counts), jnp.max(counts)
+
+
+def _rasterize_one_view(vertices, normals, viewmat, K, *, faces, grid, near_plane, budget,
                         block_size, backend):
   cam, pix = project_vertices(vertices, viewmat, K)
   tri_pix = pix[faces]                                            # [F, 3, 2]
@@ -126,10 +142,12 @@ def _rasterize_one_view(vertices, normals, viewmat, K, *, faces, grid, near_plan
   active = jnp.all(tri_z > near_plane, -1)
   if backend == "native":
     face_id, counts = _visibility_native(grid, jax.lax.stop_gradient(tri_pix),
-                                         jax.lax.stop_gradient(tri_z), active, capacity)
+                                         jax.lax.stop_gradient(tri_z), active)
+    overflow = jnp.zeros((), jnp.int32)
   else:
-    face_id, counts = _visibility(grid, jax.lax.stop_gradient(tri_pix),
-                                  jax.lax.stop_gradient(tri_z), active, capacity, block_size)
+    face_id, counts, overflow = _visibility(grid, jax.lax.stop_gradient(tri_pix),
+                                            jax.lax.stop_gradient(tri_z), active, budget,
+                                            block_size)
   face_id = jax.lax.stop_gradient(face_id)
   mask = face_id >= 0
   fid = jnp.maximum(face_id, 0)
@@ -144,15 +162,62 @@ def _rasterize_one_view(vertices, normals, viewmat, K, *, faces, grid, near_plan
   n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
   zero = lambda a: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 2)), a, 0)
   return dict(depth=zero(depth), normal=zero(n), mask=mask, face_id=face_id, bary=zero(bary),
-              overflow=tiles.count_overflow(counts, capacity),
-              max_tile_count=jnp.max(counts))
+              overflow=overflow, max_tile_count=jnp.max(counts))
 
 
-@functools.partial(jax.jit, static_argnames=("width", "height", "near_plane", "tile_size",
-                                             "tile_capacity", "block_size", "backend"))
+def _flatten_views(vertices, faces, viewmats, Ks, normals):
+  """Checks the inputs and flattens the broadcast batch: (batch, vertices [I, V, 3],
+  normals [I, V, 3] or None, viewmats [I, 4, 4], Ks [I, 3, 3], faces)."""
+  vertices = jnp.asarray(vertices)
+  dtype = vertices.dtype if jnp.issubdtype(vertices.dtype, jnp.floating) else jnp.float32
+  vertices = vertices.astype(dtype)
+  faces = jnp.asarray(faces)
+  if vertices.ndim < 2 or vertices.shape[-1] != 3:
+    raise ValueError(f"kaojax/render/mesh.py: vertices must be [..., V, 3], got {vertices.shape}")
+  if faces.ndim != 2 or faces.shape[-1] != 3 or not jnp.issubdtype(faces.dtype, jnp.integer):
+    raise ValueError(f"kaojax/render/mesh.py: faces must be int [F, 3], got {faces.shape} {faces.dtype}")
+  viewmats = jnp.asarray(viewmats, dtype)
+  Ks = jnp.asarray(Ks, dtype)
+  if viewmats.shape[-2:] != (4, 4) or Ks.shape[-2:] != (3, 3):
+    raise ValueError(f"kaojax/render/mesh.py: viewmats must be [..., 4, 4] and Ks [..., 3, 3], "
+                     f"got {viewmats.shape} and {Ks.shape}")
+  cam_batch = jnp.broadcast_shapes(viewmats.shape[:-2], Ks.shape[:-2])
+  batch = views.broadcast_views(vertices.shape[:-2], cam_batch)
+  nv = vertices.shape[-2]
+  v = views.expand_left_aligned(vertices, batch, 2).reshape(-1, nv, 3)
+  nrm = None
+  if normals is not None:
+    nrm = views.expand_left_aligned(jnp.asarray(normals, dtype), batch, 2).reshape(-1, nv, 3)
+  vm = views.expand_left_aligned(viewmats, batch, 2).reshape(-1, 4, 4)
+  K = views.expand_left_aligned(Ks, batch, 2).reshape(-1, 3, 3)
+  return batch, v, nrm, vm, K, faces
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "near_plane"))
+def count_intersections(vertices, faces, viewmats, Ks, *, grid, near_plane=0.01):
+  """(intersections [...], busiest tile's count [...]) per view, as rasterized."""
+  batch, v, _, vm, K, faces = _flatten_views(vertices, faces, viewmats, Ks, None)
+  fn = functools.partial(_count_one_view, faces=faces, grid=grid, near_plane=near_plane)
+  out = jax.vmap(fn)(v, vm, K)
+  return jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch)), out)
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "near_plane", "budget", "block_size",
+                                             "backend"))
+def _rasterize(vertices, faces, viewmats, Ks, normals, *, grid, near_plane, budget, block_size,
+               backend):
+  if normals is None:
+    normals = vertex_normals(jnp.asarray(vertices), jnp.asarray(faces))
+  batch, v, nrm, vm, K, faces = _flatten_views(vertices, faces, viewmats, Ks, normals)
+  fn = functools.partial(_rasterize_one_view, faces=faces, grid=grid, near_plane=near_plane,
+                         budget=budget, block_size=block_size, backend=backend)
+  out = jax.vmap(fn)(v, nrm, vm, K)
+  return jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch) + a.shape[1:]), out)
+
+
 def rasterize_mesh(vertices, faces, viewmats, Ks, width: int, height: int, *,
                    normals=None, near_plane: float = 0.01, tile_size: int = 16,
-                   tile_capacity: int = 1024, block_size: int = 32,
+                   block_size: int = 32, intersection_budget=None,
                    backend: str | None = None):
   """Rasterize a triangle mesh.
 
@@ -169,41 +234,25 @@ def rasterize_mesh(vertices, faces, viewmats, Ks, width: int, height: int, *,
     mask    [..., H, W]     bool coverage
     face_id [..., H, W]     int32 visible face, -1 on background
     bary    [..., H, W, 3]  perspective-correct barycentrics, 0 on background
-    overflow, max_tile_count [...]  tile binning diagnostics (see tiles.py)
+    overflow [...]          always 0: no face is dropped (kept for callers)
+    max_tile_count [...]    largest number of faces covering one tile
   Differentiable w.r.t. vertices, normals and cameras through the barycentrics
   (visibility held fixed).
-  backend: "native" / "reference" / "auto" / None (see `rasterize_surfels`):
-  the native kernel finds the visible face; barycentrics, depth and normals are
-  then recomputed in JAX on both paths, which is where the gradient flows.
+  Binning, `intersection_budget` and `backend` as in `rasterize_surfels`: the
+  native kernel finds the
+  visible face; barycentrics, depth and normals are then recomputed in JAX on
+  both paths, which is where the gradient flows.
   """
-  vertices = jnp.asarray(vertices)
-  dtype = vertices.dtype if jnp.issubdtype(vertices.dtype, jnp.floating) else jnp.float32
-  vertices = vertices.astype(dtype)
-  faces = jnp.asarray(faces)
-  if vertices.ndim < 2 or vertices.shape[-1] != 3:
-    raise ValueError(f"kaojax/render/mesh.py: vertices must be [..., V, 3], got {vertices.shape}")
-  if faces.ndim != 2 or faces.shape[-1] != 3 or not jnp.issubdtype(faces.dtype, jnp.integer):
-    raise ValueError(f"kaojax/render/mesh.py: faces must be int [F, 3], got {faces.shape} {faces.dtype}")
-  viewmats = jnp.asarray(viewmats, dtype)
-  Ks = jnp.asarray(Ks, dtype)
-  if viewmats.shape[-2:] != (4, 4) or Ks.shape[-2:] != (3, 3):
-    raise ValueError(f"kaojax/render/mesh.py: viewmats must be [..., 4, 4] and Ks [..., 3, 3], "
-                     f"got {viewmats.shape} and {Ks.shape}")
-  normals = vertex_normals(vertices, faces) if normals is None else jnp.asarray(
-      normals, dtype)
-  cam_batch = jnp.broadcast_shapes(viewmats.shape[:-2], Ks.shape[:-2])
-  batch = views.broadcast_views(vertices.shape[:-2], cam_batch)
-  nv = vertices.shape[-2]
-  v = views.expand_left_aligned(vertices, batch, 2).reshape(-1, nv, 3)
-  nrm = views.expand_left_aligned(normals, batch, 2).reshape(-1, nv, 3)
-  vm = views.expand_left_aligned(viewmats, batch, 2).reshape(-1, 4, 4)
-  K = views.expand_left_aligned(Ks, batch, 2).reshape(-1, 3, 3)
   grid = tiles.TileGrid(width, height, tile_size)
-  fn = functools.partial(_rasterize_one_view, faces=faces, grid=grid, near_plane=near_plane,
-                         capacity=tile_capacity, block_size=block_size,
-                         backend=native.resolve(backend, dtype))
-  out = jax.vmap(fn)(v, nrm, vm, K)
-  return jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch) + a.shape[1:]), out)
+  dtype = jnp.asarray(vertices).dtype
+  backend = native.resolve(backend, dtype if jnp.issubdtype(dtype, jnp.floating) else None)
+  budget = None
+  if backend == "reference":
+    count = functools.partial(count_intersections, grid=grid, near_plane=near_plane)
+    budget = tiles.plan_budget(intersection_budget, count, jnp.shape(faces)[0], grid,
+                               vertices, faces, viewmats, Ks)
+  return _rasterize(vertices, faces, viewmats, Ks, normals, grid=grid, near_plane=near_plane,
+                    budget=budget, block_size=block_size, backend=backend)
 
 
 def interpolate_face_attributes(face_attributes, face_id, bary):

@@ -106,7 +106,7 @@ def surfel_alpha(prim, pixels):
 
 
 def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, background, *,
-                     grid, near_plane, far_plane, capacity, block_size, backend):
+                     grid, near_plane, far_plane, budget, block_size, backend):
   proj = project_surfels(means, quats, scales, viewmat, K, grid.width, grid.height,
                          near_plane, far_plane)
   tmin, tmax, active = tiles.gaussian_tile_rect(grid, proj["means2d"], proj["radii"])
@@ -114,11 +114,12 @@ def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, backgr
     prims = jnp.concatenate([proj["means2d"], proj["ray_transforms"].reshape(-1, 9),
                              opacities[:, None], colors, proj["normals"]], -1)
     feats, trans, counts = native_ops.composite(
-        "surfel", grid, capacity, prims.astype(jnp.float32), proj["depths"],
+        "surfel", grid, prims.astype(jnp.float32), proj["depths"].astype(jnp.float32),
         tiles.tile_rects(tmin, tmax, active))
-    overflow = tiles.count_overflow(counts, capacity)
+    overflow = jnp.zeros((), jnp.int32)
   else:
-    bins = tiles.bin_to_tiles(grid, tmin, tmax, active, proj["depths"], capacity)
+    bins = tiles.bin_to_tiles(grid, tmin, tmax, active, proj["depths"], budget)
+    tiles.check_overflow(bins.overflow)
     prim = dict(means2d=proj["means2d"], ray_transforms=proj["ray_transforms"],
                 opacities=opacities, colors=colors, normals=proj["normals"])
     feats, trans = tiles.composite_tiles(grid, bins, prim, surfel_alpha,
@@ -131,13 +132,34 @@ def _render_one_view(means, quats, scales, opacities, colors, viewmat, K, backgr
               overflow=overflow, max_tile_count=jnp.max(counts))
 
 
-@functools.partial(jax.jit, static_argnames=("width", "height", "near_plane", "far_plane",
-                                             "tile_size", "tile_capacity", "block_size",
-                                             "backend"))
+def _count_one_view(means, quats, scales, opacities, colors, viewmat, K, background, *,
+                    grid, near_plane, far_plane):
+  """(tile intersections, busiest tile's count) of one view: the binning's first pass."""
+  proj = project_surfels(means, quats, scales, viewmat, K, grid.width, grid.height,
+                         near_plane, far_plane)
+  counts = tiles.tile_counts(grid, *tiles.gaussian_tile_rect(grid, proj["means2d"],
+                                                             proj["radii"]))
+  return jnp.sum(counts), jnp.max(counts)
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "near_plane", "far_plane"))
+def count_intersections(gaussians, viewmats, Ks, *, grid, near_plane=0.01, far_plane=1e10):
+  """(intersections [...], busiest tile's count [...]) per view, as rendered."""
+  return views.render_gaussian_views(_count_one_view, gaussians, viewmats, Ks, None, grid=grid,
+                                     near_plane=near_plane, far_plane=far_plane)
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "near_plane", "far_plane", "budget",
+                                             "block_size", "backend"))
+def _rasterize(gaussians, viewmats, Ks, background, **kwargs):
+  return views.render_gaussian_views(_render_one_view, gaussians, viewmats, Ks, background,
+                                     **kwargs)
+
+
 def rasterize_surfels(gaussians: Gaussians, viewmats, Ks, width: int, height: int,
                       background=None, *, near_plane: float = 0.01, far_plane: float = 1e10,
-                      tile_size: int = 16, tile_capacity: int = 1024, block_size: int = 16,
-                      backend: str | None = None):
+                      tile_size: int = 16, block_size: int = 16,
+                      intersection_budget=None, backend: str | None = None):
   """Render 2D Gaussian surfels.
 
   gaussians: `Gaussians` with means [g..., N, 3] etc. (scales[..., 2] ignored)
@@ -153,20 +175,28 @@ def rasterize_surfels(gaussians: Gaussians, viewmats, Ks, width: int, height: in
                            2D filter wins)
     normal [..., H, W, 3]  sum_i w_i n_i (camera space, facing the camera; not
                            normalised, as gsplat / diff-surfel-rasterization)
-    overflow [...] int32   (tile, surfel) pairs dropped by `tile_capacity`
+    overflow [...] int32   always 0: nothing is dropped (kept for callers)
     max_tile_count [...]   largest number of surfels covering one tile
-  Tiling: each tile_size^2 tile composites at most `tile_capacity` surfels, the
-  nearest by centre depth; the rest are dropped and counted in `overflow`
-  (raise tile_capacity when it is > 0; cost grows linearly with it, memory
-  with tiles x N for the binning, never pixels x N). `block_size` surfels are
-  composited per scan step (a checkpointed step: backward memory is one carry
-  per block; the pure-JAX path only).
+  Tiling (gsplat's, no per-tile cap): every surfel is expanded into its (tile,
+  depth) intersections, sorted once; each tile_size^2 tile composites its whole
+  range front to back (see kaojax/render/tiles.py). The pure-JAX path needs a static intersection budget: counted
+  exactly and rounded up to a power of two when the inputs are concrete, the worst
+  case (every surfel on every tile) inside a caller's jit/vmap/grad, or
+  `intersection_budget` (an int per view, or a `tiles.Budget`), which raises at run
+  time when too small. `block_size` surfels are composited per scan step (a
+  checkpointed step: backward memory is one carry per block; the pure-JAX path
+  only).
   backend: "native" (C++/CUDA kernels through XLA FFI), "reference" (pure
   JAX), "auto" or None (the process default, see kaojax.render.native). Both
   paths give the same images and gradients.
   """
   grid = tiles.TileGrid(width, height, tile_size)
-  return views.render_gaussian_views(
-      _render_one_view, gaussians, viewmats, Ks, background, grid=grid, near_plane=near_plane,
-      far_plane=far_plane, capacity=tile_capacity, block_size=block_size,
-      backend=native.resolve(backend, jnp.asarray(gaussians.means).dtype))
+  backend = native.resolve(backend, jnp.asarray(gaussians.means).dtype)
+  budget = None
+  if backend == "reference":
+    count = functools.partial(count_intersections, grid=grid, near_plane=near_plane,
+                              far_plane=far_plane)
+    budget = tiles.plan_budget(intersection_budget, count, jnp.shape(gaussians.means)[-2], grid,
+                               gaussians, viewmats, Ks)
+  return _rasterize(gaussians, viewmats, Ks, background, grid=grid, near_plane=near_plane,
+                    far_plane=far_plane, budget=budget, block_size=block_size, backend=backend)

@@ -1,17 +1,21 @@
-"""Screen-tile binning with a static per-tile capacity, and front-to-back
-alpha compositing over each tile's depth-sorted list.
+"""Screen-tile binning by one sort (no per-tile cap), and front-to-back alpha
+compositing over each tile's depth-sorted range.
 
 Shared by the surfel (2DGS) and 3D Gaussian renderers (and, for the binning,
 by the mesh rasterizer). Everything here works on ONE view; the renderers vmap
 over views.
 
-Binning: every primitive owns a rectangle of tiles [tile_min, tile_max)
-(exclusive upper corner, in tile units). Each tile keeps the `capacity`
-primitives with the smallest sort key (depth) among those whose rectangle
-covers it, found with `jax.lax.top_k` on a [tiles, N] key matrix built in
-chunks of tiles, so memory scales as tiles x N, never pixels x N. Primitives
-beyond the capacity are dropped (the farthest ones) and counted in
-`overflow`.
+Binning (gsplat's scheme): every primitive owns a rectangle of tiles
+[tile_min, tile_max) (exclusive upper corner, in tile units) and expands into one
+intersection per tile of it; the intersections are sorted once by (tile, depth)
+(ties by primitive index) and every tile reads its contiguous range of the sorted
+list. XLA needs static shapes, so the intersections live in a static `Budget`:
+`intersections` slots for the list and `per_tile` slots for the longest range. The
+renderers take the budget from `plan_budget`: counted exactly in a cheap first pass
+(`tile_counts`, a 2D difference array: O(N + tiles)) and rounded up to a power of
+two, so that recompiles are rare; inside a trace, where nothing can be counted, the
+worst case (every primitive on every tile). Nothing is ever dropped silently: an
+intersection that does not fit is counted in `overflow` and the renderers raise.
 
 Compositing follows gsplat's forward pass: alpha below 1/255 (or a negative
 exponent) is skipped, and a pixel stops at the first primitive that would push
@@ -114,14 +118,51 @@ def tile_rects(tile_min, tile_max, active):
 
 
 @dataclasses.dataclass(frozen=True)
+class Budget:
+  """Static sizes of the binning of one view: `intersections` slots for the list
+  of (tile, primitive) pairs and `per_tile` slots for one tile's range."""
+  intersections: int
+  per_tile: int
+
+
+def bucket(count: int, smallest: int = 64) -> int:
+  """The power of two >= max(count, smallest)."""
+  return 1 << max(int(count) - 1, int(smallest) - 1, 0).bit_length()
+
+
+def worst_case_budget(grid: TileGrid, num: int) -> Budget:
+  """Every primitive on every tile: never overflows (for traced calls)."""
+  num = max(int(num), 1)
+  return Budget(intersections=num * grid.num_tiles, per_tile=num)
+
+
+def tile_counts(grid: TileGrid, tile_min, tile_max, active):
+  """Primitives covering each tile: [N, 2] rectangles -> counts [num_tiles] int32.
+  A 2D difference array (+1 / -1 at the rectangle's corners) summed along both
+  axes: O(N + tiles), no intersection list."""
+  tx, ty = grid.tiles_x, grid.tiles_y
+  x0, y0 = tile_min[:, 0], tile_min[:, 1]
+  x1, y1 = tile_max[:, 0], tile_max[:, 1]
+  live = (active & (x1 > x0) & (y1 > y0)).astype(jnp.int32)
+  corner = lambda y, x: y * (tx + 1) + x
+  diff = jnp.zeros(((ty + 1) * (tx + 1),), jnp.int32)
+  diff = diff.at[corner(y0, x0)].add(live).at[corner(y0, x1)].add(-live)
+  diff = diff.at[corner(y1, x0)].add(-live).at[corner(y1, x1)].add(live)
+  diff = diff.reshape(ty + 1, tx + 1)
+  counts = jnp.cumsum(jnp.cumsum(diff, 0), 1)[:ty, :tx]
+  return counts.reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
 class TileBins:
   """Per-tile primitive lists for one view.
 
-  ids:      [num_tiles, K] int32 primitive indices, nearest first, with
-            K = min(capacity, N)
+  ids:      [num_tiles, K] int32 primitive indices, nearest first (K = the
+            budget's per_tile slots)
   valid:    [num_tiles, K] bool (False for unused slots)
-  counts:   [num_tiles] int32 primitives covering each tile (before capping)
-  overflow: [] int32 number of (tile, primitive) pairs dropped by the cap
+  counts:   [num_tiles] int32 primitives covering each tile
+  overflow: [] int32 intersections that did not fit the budget (0 unless the
+            budget was too small, which the renderers turn into an error)
   """
   ids: jax.Array
   valid: jax.Array
@@ -129,36 +170,78 @@ class TileBins:
   overflow: jax.Array
 
 
-def bin_to_tiles(grid: TileGrid, tile_min, tile_max, active, sort_key, capacity: int,
-                 tile_chunk: int = 64) -> TileBins:
-  """Assign primitives to tiles, keeping the `capacity` smallest `sort_key`s.
+def bin_to_tiles(grid: TileGrid, tile_min, tile_max, active, sort_key,
+                 budget: Budget) -> TileBins:
+  """Expand primitives into (tile, primitive) intersections, sort them once by
+  (tile, sort_key, index) and cut the sorted list into per-tile ranges.
 
   tile_min, tile_max: [N, 2] int (x, y) tile rectangle, max exclusive
   active: [N] bool; sort_key: [N] float (depth; no gradient flows through it).
   """
   n = sort_key.shape[0]
-  capacity = int(capacity)
-  if capacity <= 0:
-    raise ValueError(f"kaojax/render/tiles.py: tile capacity must be positive, got {capacity}")
-  k = min(capacity, n)
+  slots = max(int(budget.intersections), 1)
+  per_tile = max(int(budget.per_tile), 1)
+  if n == 0:
+    zeros = jnp.zeros((grid.num_tiles, per_tile), jnp.int32)
+    return TileBins(ids=zeros, valid=zeros > 0, counts=jnp.zeros((grid.num_tiles,), jnp.int32),
+                    overflow=jnp.zeros((), jnp.int32))
   key = jax.lax.stop_gradient(sort_key)
-  tile_ids = jnp.arange(grid.num_tiles)
+  width = jnp.maximum(tile_max[:, 0] - tile_min[:, 0], 0)
+  height = jnp.maximum(tile_max[:, 1] - tile_min[:, 1], 0)
+  size = jnp.where(active, width * height, 0)                       # tiles per primitive
+  ends = jnp.cumsum(size)                                           # [N] inclusive
+  total = ends[-1]
+  # Slot s belongs to the primitive whose range [ends - size, ends) holds it, at
+  # position k of its rectangle (row-major).
+  slot = jnp.arange(slots, dtype=ends.dtype)
+  prim = jnp.minimum(jnp.searchsorted(ends, slot, side="right"), n - 1)
+  k = slot - (ends[prim] - size[prim])
+  w = jnp.maximum(width[prim], 1)
+  tile = (tile_min[prim, 1] + k // w) * grid.tiles_x + tile_min[prim, 0] + k % w
+  used = slot < total
+  tile = jnp.where(used, tile, grid.num_tiles).astype(jnp.int32)   # unused slots sort last
+  depth = jnp.where(used, key[prim], jnp.inf)
+  # Slots are in primitive order, so a stable sort keeps ties by index.
+  tile, _, prim = jax.lax.sort((tile, depth, prim.astype(jnp.int32)), num_keys=2,
+                               is_stable=True)
+  tile_ids = jnp.arange(grid.num_tiles, dtype=jnp.int32)
+  starts = jnp.searchsorted(tile, tile_ids, side="left")
+  stored = jnp.searchsorted(tile, tile_ids, side="right") - starts   # [T] in the list
+  j = jnp.arange(per_tile)
+  ids = prim[jnp.minimum(starts[:, None] + j, slots - 1)]
+  valid = j < jnp.minimum(stored, per_tile)[:, None]
+  counts = tile_counts(grid, tile_min, tile_max, active)
+  kept = jnp.sum(jnp.minimum(stored, per_tile))
+  return TileBins(ids=jnp.where(valid, ids, 0), valid=valid, counts=counts,
+                  overflow=(jnp.sum(counts) - kept).astype(jnp.int32))
 
-  def one_tile(t):
-    tx, ty = t % grid.tiles_x, t // grid.tiles_x
-    hit = (active & (tx >= tile_min[:, 0]) & (tx < tile_max[:, 0])
-           & (ty >= tile_min[:, 1]) & (ty < tile_max[:, 1]))
-    score = jnp.where(hit, -key, -jnp.inf)
-    top, ids = jax.lax.top_k(score, k)
-    return ids.astype(jnp.int32), top > -jnp.inf, jnp.sum(hit, dtype=jnp.int32)
 
-  ids, valid, counts = jax.lax.map(one_tile, tile_ids, batch_size=min(tile_chunk, grid.num_tiles))
-  return TileBins(ids=ids, valid=valid, counts=counts, overflow=count_overflow(counts, capacity))
+def check_overflow(overflow):
+  """Raise (at run time, also under jit) when intersections did not fit."""
+  def fail(value):
+    if int(jnp.max(value)) > 0:
+      raise RuntimeError(
+          f"kaojax.render: {int(jnp.sum(value))} tile intersections did not fit the "
+          "intersection budget; leave intersection_budget=None (counted exactly) or "
+          "pass a larger one")
+  jax.debug.callback(fail, overflow)
 
 
-def count_overflow(counts, capacity: int):
-  """(tile, primitive) pairs beyond the per-tile capacity: counts [num_tiles] -> []."""
-  return jnp.sum(jnp.maximum(counts - capacity, 0))
+def plan_budget(budget, count_fn, num: int, grid: TileGrid, *args) -> Budget:
+  """The budget of a renderer call: `budget` when given (a Budget or an int number
+  of intersections per view), else counted with `count_fn(*args)` -> (intersections
+  per view [...], busiest tile per view [...]) when the arguments are concrete, and
+  rounded up to powers of two; the worst case for traced arguments."""
+  if isinstance(budget, Budget):
+    return budget
+  if budget is not None:
+    return Budget(intersections=int(budget), per_tile=min(int(budget), max(int(num), 1)))
+  leaves = jax.tree_util.tree_leaves(args)
+  if any(isinstance(x, jax.core.Tracer) for x in leaves):
+    return worst_case_budget(grid, num)
+  totals, busiest = count_fn(*args)
+  return Budget(intersections=bucket(int(jnp.max(totals))),
+                per_tile=min(bucket(int(jnp.max(busiest)), 16), max(int(num), 1)))
 
 
 # eval_fn(params_block, pixels) -> (alpha [B, P], features [B, P, F]); alpha must

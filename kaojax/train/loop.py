@@ -11,7 +11,6 @@ directory: parameters, optimiser state, step; the data order is a pure function 
 
 import dataclasses
 import json
-import logging as std_logging
 import pathlib
 import time
 
@@ -32,6 +31,7 @@ from kaojax.models.kaolrm import DEFAULT_TILING, KaoLRM, RenderTiling, kaolrm_co
 from kaojax.models.lrm import with_runtime_options
 from kaojax.render import native as render_native
 from kaojax.train import evaluate as evaluation
+from kaojax.train import runtime
 from kaojax.train.metrics import MetricWriter
 from kaojax.train.optimizer import make_optimizer
 from kaojax.train.stages import StageSchedule, stages_to_run
@@ -79,8 +79,7 @@ def model_config(config):
 
 def render_tiling(config) -> RenderTiling:
   """The renderers' tile settings of `config.render`."""
-  return RenderTiling(config.render.surfel_tile_capacity, config.render.mesh_tile_capacity,
-                      config.render.mesh_tile_size)
+  return RenderTiling(mesh_tile_size=config.render.mesh_tile_size)
 
 
 def dataset_root(config, workdir) -> pathlib.Path:
@@ -122,38 +121,10 @@ def make_loader(config, root, split, cfg):
                    f"got {config.data.kind!r}")
 
 
-def _checkpoint_manager(workdir, config):
-  options = ocp.CheckpointManagerOptions(
-      save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
-      enable_async_checkpointing=config.async_checkpoints)
-  return ocp.CheckpointManager(pathlib.Path(workdir).resolve() / "checkpoints",
-                               options=options)
-
-
-def _restore_latest(manager, state, where: str):
-  """The latest checkpoint of `manager`, restored with `state`'s shapes and shardings."""
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {where}")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-
-
-def place_state(state, device_mesh, tx):
-  """TrainState on `device_mesh`: parameters (and their optimiser state) sharded by
-  the logical rules (sharding.RULES), everything else replicated."""
-  replicated = sharding.replicated(device_mesh)
-  params = sharding.shard_state(state.params, device_mesh)
-  mesh_devices = set(device_mesh.devices.flat)
-  # Moments follow their parameters' shardings; step counters land on one device
-  # and are replicated here.
-  opt_state = jax.tree.map(
-      lambda x: x if x.sharding.device_set == mesh_devices else jax.device_put(x, replicated),
-      jax.jit(tx.init)(params))
-  return state.replace(params=params, rest=jax.device_put(state.rest, replicated),
-                       opt_state=opt_state,
-                       **{name: jax.device_put(getattr(state, name), replicated)
-                          for name in ("step", "nonfinite_steps", "nonfinite_streak")})
+# Shared with FaceLift's loop (kaojax/train/runtime.py), under their old names here.
+_checkpoint_manager = runtime.checkpoint_manager
+_restore_latest = runtime.restore_latest
+place_state = runtime.place_state
 
 
 def compile_step(graphdef, tx, state, device_mesh, weights: dict, synth_focal: float,
@@ -192,22 +163,8 @@ def build_perceptual(config, weights: dict):
   return loading.load_lpips(path)
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops INFO chatter of Orbax from the absl log (warnings still pass)."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
-def initialize_distributed(distributed):
-  """jax.distributed.initialize with config.distributed's fields; the empty ones are
-  left to JAX's cluster detection."""
-  jax.distributed.initialize(
-      coordinator_address=distributed.coordinator_address or None,
-      num_processes=distributed.num_processes if distributed.num_processes > 0 else None,
-      process_id=distributed.process_id if distributed.process_id >= 0 else None)
-  logging.info("process %d of %d; %d local and %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+_QuietLibraries = runtime.QuietLibraries
+initialize_distributed = runtime.initialize_distributed
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -236,6 +193,8 @@ def train_and_evaluate(config, workdir) -> dict:
 
   flame = build_flame(config)
   model = build_model(config, flame)
+  if jax.process_index() == 0:  # the network of loading.load_model(workdir)
+    loading.write_model_spec(workdir, model)
   root = dataset_root(config, workdir)
   pipe = sources.PipelineConfig(num_views=config.data.num_views,
                                 source_size=config.data.source_size,

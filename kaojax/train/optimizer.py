@@ -48,6 +48,17 @@ def weight_decay_mask(params):
   return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def constant_schedule(peak: float, warmup_steps: int, init: float = 1e-10):
+  """Step -> learning rate: linear from `init` to `peak` over `warmup_steps`, then
+  `peak` (diffusers' "constant_with_warmup"; FaceLift's diffusion fine-tuning)."""
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.where(step < warmup_steps,
+                     init + (peak - init) * step / max(warmup_steps, 1), peak)
+
+  return schedule
+
+
 def restarted_schedule(peak: float, warmup_steps: int, total_steps: int, restart_step: int,
                        restart_peak: float):
   """learning_rate_schedule over [0, restart_step), then a second one peaking at
@@ -64,11 +75,15 @@ def make_optimizer(peak_lr: float = 4e-4, warmup_steps: int = 3000,
                    total_steps: int = 100_000, b1: float = 0.9, b2: float = 0.95,
                    eps: float = 1e-8, weight_decay: float = 0.05,
                    clip_norm: float = 1.0, restart_step: int | None = None,
-                   restart_lr: float | None = None):
+                   restart_lr: float | None = None, schedule: str = "cosine"):
   """optax transformation: clip -> AdamW with the warm-up/cosine schedule (restarted
-  at `restart_step` with peak `restart_lr` when both are given); weight decay only
-  where `weight_decay_mask` says so."""
-  if restart_step is None or restart_lr is None:
+  at `restart_step` with peak `restart_lr` when both are given; schedule="constant":
+  warm-up, then constant); weight decay only where `weight_decay_mask` says so."""
+  if schedule not in ("cosine", "constant"):
+    raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+  if schedule == "constant":
+    schedule = constant_schedule(peak_lr, warmup_steps)
+  elif restart_step is None or restart_lr is None:
     schedule = learning_rate_schedule(peak_lr, warmup_steps, total_steps)
   else:
     schedule = restarted_schedule(peak_lr, warmup_steps, total_steps, restart_step, restart_lr)

@@ -40,6 +40,24 @@ def create_state(model, tx) -> tuple:
                               nonfinite_streak=zero())
 
 
+def apply_gradients(state: TrainState, tx, total, grads):
+  """One optimiser update of `state.params` with `grads` of the loss `total` ->
+  (state, grad_norm). A step whose loss or gradients are not finite changes neither
+  the parameters nor the optimiser state; it is counted in the state's non-finite
+  counters (every training step of kaojax updates through here)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  bad = 1 - finite.astype(jnp.int32)
+  state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                        opt_state=keep(opt_state, state.opt_state),
+                        nonfinite_steps=state.nonfinite_steps + bad,
+                        nonfinite_streak=(state.nonfinite_streak + 1) * bad)
+  return state, grad_norm
+
+
 # Terms that need the mesh renders (the surfels are always rendered).
 MESH_TERMS = ("pixel", "depth_binding", "normal_binding")
 
@@ -91,8 +109,6 @@ def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
                     tiling: RenderTiling = DEFAULT_TILING, perceptual=None):
   """A jit-able (state, batch, key[, perceptual_state]) -> (state, metrics) for one
   loss-weight table. metrics: every active loss term, `loss`, `grad_norm`,
-  `surfel_overflow` / `mesh_overflow` (mean number of (tile, primitive) pairs per view
-  each renderer dropped; raise the `tiling` capacities when it is not 0),
   `nonfinite_steps` and `nonfinite_streak` (see TrainState).
 
   A step whose loss or gradients are not finite changes neither the parameters nor
@@ -120,9 +136,7 @@ def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
     net = (nnx.merge(perceptual_graph, jax.lax.stop_gradient(perceptual_state))
            if use_perceptual else None)
     terms = loss_terms(model, out, renders, batch, active, net)
-    overflow = {f"{'surfel' if name == 'surfels' else name}_overflow":
-                jnp.mean(r["overflow"].astype(jnp.float32)) for name, r in renders.items()}
-    return losses.weighted_total(terms, active), dict(terms, **overflow)
+    return losses.weighted_total(terms, active), terms
 
   def train_step(state: TrainState, batch, key, perceptual_state=None):
     if use_perceptual and perceptual_state is None:
@@ -130,16 +144,7 @@ def make_train_step(graphdef, tx, weights: dict, synth_focal: float,
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (total, terms), grads = grad_fn(state.params, state.rest, batch, key,
                                     perceptual_state if use_perceptual else None)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    bad = 1 - finite.astype(jnp.int32)
-    state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                          opt_state=keep(opt_state, state.opt_state),
-                          nonfinite_steps=state.nonfinite_steps + bad,
-                          nonfinite_streak=(state.nonfinite_streak + 1) * bad)
+    state, grad_norm = apply_gradients(state, tx, total, grads)
     metrics = dict(terms, loss=total, grad_norm=grad_norm,
                    nonfinite_steps=state.nonfinite_steps,
                    nonfinite_streak=state.nonfinite_streak)

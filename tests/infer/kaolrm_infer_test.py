@@ -235,11 +235,13 @@ def test_non_finite_outputs_are_an_error_row(photos, tmp_path, monkeypatch):
   assert not runner.is_finished(row, photos / "astronaut.jpg")
 
 
-def test_training_workdir_is_refused(tmp_path):
-  (tmp_path / "checkpoints").mkdir()
+def test_model_directory_errors(tmp_path):
   config = infer_config.get_config()
   config.model = str(tmp_path)
-  with pytest.raises(ValueError, match="training work directory"):
+  with pytest.raises(ValueError, match="nor a training work directory"):
+    infer.build_model(config)
+  (tmp_path / "checkpoints").mkdir()      # a training run that saved nothing yet
+  with pytest.raises(FileNotFoundError, match="without model_spec"):
     infer.build_model(config)
 
 

@@ -88,7 +88,7 @@ def test_job_parameters_equal_the_loaded_model(converted, tmp_path):
   config.batch_size = BATCH
   config.render_size = 32        # renders are not compared: keep them cheap
   config.num_samples = 256
-  config.visualize = False
+  config.outputs = "params"     # params.npz only
   summary = infer.run(config, tmp_path / "out")
   assert summary["ok"] == 1, (tmp_path / "out" / "results.jsonl").read_text()
   job = np.load(tmp_path / "out" / "astronaut" / "params.npz")

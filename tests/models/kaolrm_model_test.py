@@ -149,8 +149,8 @@ def test_remat_and_plain_attention_give_the_same_planes(setup, flame):
 
 
 def test_render_tiling_reaches_the_renderers(setup):
-  """Small mesh tiles with room for every face give the exact mesh render; a small
-  capacity drops faces (counted in `overflow`); the surfel capacity is passed on."""
+  """The mesh tile size reaches the renderer; at any tile size the binning drops
+  nothing: the mesh render is exact."""
   from kaojax.render import rasterize_mesh
   _, model, images, cameras = setup
   size = 24
@@ -158,14 +158,11 @@ def test_render_tiling_reaches_the_renderers(setup):
   out = nnx.jit(lambda m, x, c: m(x, c, jax.random.key(0), synth_focal=0.75))(
       model, images, cameras)
   faces = model.flame_model.faces
-  exact = rasterize_mesh(out.vertices, faces, viewmats, Ks, size, size, tile_size=4,
-                         tile_capacity=len(faces))
-  fine = model.render(out, viewmats, Ks, size, size, tiling=RenderTiling(
-      surfel_capacity=8, mesh_capacity=len(faces), mesh_tile_size=4))
+  exact = rasterize_mesh(out.vertices, faces, viewmats, Ks, size, size, tile_size=4)
+  fine = model.render(out, viewmats, Ks, size, size, tiling=RenderTiling(mesh_tile_size=4))
   np.testing.assert_array_equal(fine["mesh"]["face_id"], exact["face_id"])
   assert int(fine["mesh"]["overflow"].sum()) == 0
   assert int(fine["surfels"]["max_tile_count"].max()) > 8
-  assert int(fine["surfels"]["overflow"].sum()) > 0
-  coarse = model.render(out, viewmats, Ks, size, size, tiling=RenderTiling(mesh_capacity=64))
-  assert int(coarse["mesh"]["overflow"].sum()) > 0
-  assert np.any(np.asarray(coarse["mesh"]["face_id"]) != np.asarray(exact["face_id"]))
+  assert int(fine["surfels"]["overflow"].sum()) == 0      # no per-tile cap any more
+  coarse = model.render(out, viewmats, Ks, size, size)      # 16-px tiles
+  np.testing.assert_array_equal(coarse["mesh"]["face_id"], exact["face_id"])

@@ -37,8 +37,7 @@ def test_render_matches_dense_gsplat_compositor(gauss_batch, cam_batch):
   viewmats, Ks = orbit_views(23, cam_batch)
   views = int(np.prod(cam_batch)) if cam_batch else 1
   bg = np.random.default_rng(24).uniform(size=tuple(cam_batch) + (3,)).astype(np.float32)
-  out = rasterize_gaussians(jax.tree_util.tree_map(jnp.asarray, g), viewmats, Ks, W, H, bg,
-                            tile_capacity=160)
+  out = rasterize_gaussians(jax.tree_util.tree_map(jnp.asarray, g), viewmats, Ks, W, H, bg)
   assert out["color"].shape == tuple(cam_batch) + (H, W, 3)
   assert out["alpha"].shape == out["depth"].shape == tuple(cam_batch) + (H, W)
   assert int(jnp.sum(out["overflow"])) == 0

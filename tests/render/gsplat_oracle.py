@@ -51,7 +51,7 @@ def to_kaojax_conventions(kind: str, gsplat_out: dict, scales=None) -> dict:
   7. 3DGS radii: the 3.33-sigma box of gsplat's PyTorch port. gsplat's CUDA
      kernel also shrinks it by opacity (sqrt(2 log(o / (1/255))) sigmas); that
      only removes pixels where alpha < 1/255, which are skipped anyway, so the
-     images agree; only tile lists (and `overflow`) can be longer here.
+     images agree; only tile lists (and `max_tile_count`) can be longer here.
   8. Output dict names: color / alpha / depth / normal, alpha without the
      trailing channel axis.
   """

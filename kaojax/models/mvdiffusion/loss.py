@@ -39,16 +39,28 @@ def mvdiffusion_loss(unet, target_latents, image_latents, class_labels, text, ke
   t_subject = jax.random.randint(k_t, (subjects,), 0, alpha_bar.shape[0])
   t = jnp.repeat(t_subject, num_views)
   noise = jax.random.normal(k_noise, target_latents.shape, target_latents.dtype)
+  keep_labels, keep_latents = condition_dropout(jax.random.uniform(k_drop, (subjects,)), dropout)
+  keep_labels = jnp.repeat(keep_labels, num_views)
+  keep_latents = jnp.repeat(keep_latents, num_views)
+  return denoising_loss(unet, target_latents, image_latents, class_labels, text, t, noise,
+                        alpha_bar, keep_labels, keep_latents, snr_gamma)
+
+
+def denoising_loss(unet, target_latents, image_latents, class_labels, text, t, noise,
+                   alpha_bar, keep_labels=None, keep_latents=None, snr_gamma: float = 5.0):
+  """The objective at given timesteps t [N], noise [N, h, w, 4] and kept conditions
+  keep_labels / keep_latents [N] bool (None: all kept); other shapes as in
+  `mvdiffusion_loss`. Returns (loss, aux dict)."""
+  n = target_latents.shape[0]
+  keep_labels = jnp.ones((n,), bool) if keep_labels is None else keep_labels
+  keep_latents = jnp.ones((n,), bool) if keep_latents is None else keep_latents
   noisy = add_noise(alpha_bar, target_latents, noise, t)
   target = velocity(alpha_bar, target_latents, noise, t)
-  keep_labels, keep_latents = condition_dropout(jax.random.uniform(k_drop, (subjects,)), dropout)
-  keep_labels = jnp.repeat(keep_labels, num_views)[:, None]
-  keep_latents = jnp.repeat(keep_latents, num_views)[:, None, None, None]
-  labels = jnp.where(keep_labels, class_labels, 0.0)
-  cond = jnp.where(keep_latents, image_latents, 0.0)
+  labels = jnp.where(keep_labels[:, None], class_labels, 0.0)
+  cond = jnp.where(keep_latents[:, None, None, None], image_latents, 0.0)
   pred = unet(jnp.concatenate([noisy, cond], -1), t, text, labels)
   per_view = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
   weights = min_snr_weights(alpha_bar, t, snr_gamma)
   loss = jnp.mean(per_view * weights)
   return loss, {"t": t, "weights": weights, "per_view_mse": per_view,
-                "keep_labels": keep_labels[:, 0], "keep_latents": keep_latents[:, 0, 0, 0]}
+                "keep_labels": keep_labels, "keep_latents": keep_latents}

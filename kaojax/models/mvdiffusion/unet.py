@@ -25,6 +25,7 @@ from kaojax.models.mvdiffusion.layers import (Downsample2D, ResnetBlock2D, Times
 from kaojax.models.mvdiffusion.transformer import Transformer2D
 from kaojax.models.presets import preset
 from kaojax.nn.layers import conv, group_norm
+from kaojax.nn.remat import remat_call
 from kaojax.sharding import EMBED
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -50,6 +51,7 @@ class UNetConfig:
   projection_class_embeddings_input_dim: Optional[int] = 2048
   num_views: int = 6               # views per group in the multi-view attention
   attention_chunk: Optional[int] = None   # query block size in attention (memory)
+  remat: bool = False              # recompute the transformers' activations in backward
   dtype: str = "float32"
 
   @property
@@ -163,6 +165,13 @@ def unet_config(name: str = "facelift", **overrides) -> UNetConfig:
   return preset("UNet", PRESETS, name, overrides)
 
 
+def attend(transformer, x, context, num_views, remat: bool):
+  """transformer(x, context, num_views), rematerialised when `remat`."""
+  if remat:
+    return remat_call(transformer, x, context, num_views=num_views)
+  return transformer(x, context, num_views)
+
+
 class DownBlock(nnx.Module):
   def __init__(self, c_in, c_out, temb, cross: bool, heads, t_layers, add_downsample,
                cfg: UNetConfig, rngs, dtype):
@@ -174,13 +183,14 @@ class DownBlock(nnx.Module):
                       cfg.attention_chunk)
         for _ in range(cfg.layers_per_block)] if cross else [])
     self.downsamplers = nnx.List([Downsample2D(c_out, 1, rngs, dtype)] if add_downsample else [])
+    self.remat = cfg.remat
 
   def __call__(self, x, temb, context, num_views):
     skips = []
     for i, resnet in enumerate(self.resnets):
       x = resnet(x, temb)
       if len(self.attentions):
-        x = self.attentions[i](x, context, num_views)
+        x = attend(self.attentions[i], x, context, num_views, self.remat)
       skips.append(x)
     for down in self.downsamplers:
       x = down(x)
@@ -194,10 +204,11 @@ class MidBlock(nnx.Module):
     self.resnets = nnx.List([ResnetBlock2D(c, c, temb, g, eps, rngs, dtype) for _ in range(2)])
     self.attentions = nnx.List([Transformer2D(c, heads, cfg.cross_attention_dim, t_layers, g,
                                               rngs, dtype, cfg.attention_chunk)])
+    self.remat = cfg.remat
 
   def __call__(self, x, temb, context, num_views):
     x = self.resnets[0](x, temb)
-    x = self.attentions[0](x, context, num_views)
+    x = attend(self.attentions[0], x, context, num_views, self.remat)
     return self.resnets[1](x, temb)
 
 
@@ -217,12 +228,13 @@ class UpBlock(nnx.Module):
                       cfg.attention_chunk)
         for _ in range(n)] if cross else [])
     self.upsamplers = nnx.List([Upsample2D(c_out, rngs, dtype)] if add_upsample else [])
+    self.remat = cfg.remat
 
   def __call__(self, x, skips, temb, context, num_views):
     for i, resnet in enumerate(self.resnets):
       x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
       if len(self.attentions):
-        x = self.attentions[i](x, context, num_views)
+        x = attend(self.attentions[i], x, context, num_views, self.remat)
     for up in self.upsamplers:
       x = up(x)
     return x

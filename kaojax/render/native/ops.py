@@ -159,42 +159,42 @@ def _call(target, outputs, grid: TileGrid, *args):
 KINDS = {"surfel": tiles.SURFEL_LAYOUT, "gaussian": tiles.GAUSSIAN_LAYOUT}
 
 
-def _forward(kind, grid, capacity, prims, keys, rects):
+def _forward(kind, grid, prims, keys, rects):
   num_p, num_f = KINDS[kind].params, KINDS[kind].features
   if prims.shape[-1] != num_p:
     raise ValueError(f"kaojax.render.native: {kind} primitives must be [..., N, {num_p}], "
                      f"got {prims.shape}")
   h, w = grid.height, grid.width
-  k = max(1, min(int(capacity), prims.shape[0]))   # a list slot even with no primitives
-  out = (((h, w, num_f), jnp.float32), ((h, w), jnp.float32), ((grid.num_tiles, k), jnp.int32),
-         ((grid.num_tiles,), jnp.int32), ((h, w), jnp.int32))
+  out = (((h, w, num_f), jnp.float32), ((h, w), jnp.float32), ((grid.num_tiles,), jnp.int32),
+         ((h, w), jnp.int32))
   return _call(f"kaojax_{kind}_forward", out, grid, prims, keys, rects)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def composite(kind: str, grid: TileGrid, capacity: int, prims, keys, rects):
-  """Bin, depth-sort and composite projected primitives for one view.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def composite(kind: str, grid: TileGrid, prims, keys, rects):
+  """Bin (sort-based, no per-tile cap), depth-sort and composite projected
+  primitives for one view.
 
   prims: [N, P] float32 (layout of `kind`, see csrc/raster_math.h)
-  keys:  [N] depth sort keys (no gradient); rects: [N, 4] int32 tile rectangle
-  (x0, y0, x1, y1), upper corner exclusive, empty for culled primitives.
+  keys:  [N] float32 depth sort keys (no gradient); rects: [N, 4] int32 tile
+  rectangle (x0, y0, x1, y1), upper corner exclusive, empty for culled primitives.
   Returns feats [H, W, F] = sum_i w_i f_i, transmittance [H, W] and counts
-  [num_tiles] (primitives covering each tile, before the `capacity` cap).
+  [num_tiles] (primitives covering each tile, all of them composited).
   """
-  feats, trans, _, counts, _ = _forward(kind, grid, capacity, prims, keys, rects)
+  feats, trans, counts, _ = _forward(kind, grid, prims, keys, rects)
   return feats, trans, counts
 
 
-def _composite_fwd(kind, grid, capacity, prims, keys, rects):
-  feats, trans, ids, counts, last = _forward(kind, grid, capacity, prims, keys, rects)
-  return (feats, trans, counts), (prims, ids, counts, last, trans)
+def _composite_fwd(kind, grid, prims, keys, rects):
+  feats, trans, counts, last = _forward(kind, grid, prims, keys, rects)
+  return (feats, trans, counts), (prims, keys, rects, last, trans)
 
 
-def _composite_bwd(kind, grid, capacity, res, cotangents):
-  prims, ids, counts, last, trans = res
+def _composite_bwd(kind, grid, res, cotangents):
+  prims, keys, rects, last, trans = res
   grad_feats, grad_trans, _ = cotangents
-  out = ((prims.shape, jnp.float32), (ids.shape + (prims.shape[-1],), jnp.float32))
-  grad_prims, _ = _call(f"kaojax_{kind}_backward", out, grid, prims, ids, counts, last, trans,
+  out = ((prims.shape, jnp.float32),)
+  (grad_prims,) = _call(f"kaojax_{kind}_backward", out, grid, prims, keys, rects, last, trans,
                         grad_feats.astype(jnp.float32), grad_trans.astype(jnp.float32))
   return grad_prims, None, None
 
@@ -202,15 +202,12 @@ def _composite_bwd(kind, grid, capacity, res, cotangents):
 composite.defvjp(_composite_fwd, _composite_bwd)
 
 
-def mesh_visibility(grid: TileGrid, capacity: int, tris, keys, rects):
+def mesh_visibility(grid: TileGrid, tris, keys, rects):
   """Nearest face per pixel for one view (no gradient).
 
   tris: [F, 9] (x, y, camera z) of the three corners; keys [F]; rects [F, 4].
   Returns face_id [H, W] int32 (-1 = background) and counts [num_tiles].
   """
-  k = max(1, min(int(capacity), tris.shape[0]))
-  out = (((grid.height, grid.width), jnp.int32), ((grid.num_tiles, k), jnp.int32),
-         ((grid.num_tiles,), jnp.int32))
-  face_id, _, counts = _call("kaojax_mesh_visibility", out, grid, jax.lax.stop_gradient(tris),
-                             jax.lax.stop_gradient(keys), rects)
-  return face_id, counts
+  out = (((grid.height, grid.width), jnp.int32), ((grid.num_tiles,), jnp.int32))
+  return _call("kaojax_mesh_visibility", out, grid, jax.lax.stop_gradient(tris),
+               jax.lax.stop_gradient(keys), rects)

@@ -7,9 +7,9 @@
 //   keys  [N]     depth sort key (nearest first; no gradient)
 //   rects [N, 4]  tile rectangle (x0, y0, x1, y1), upper corner exclusive;
 //                 empty for culled primitives
-// Every tile keeps the `capacity` primitives with the smallest (key, index)
-// covering it (the rest are counted, never composited), sorted front to back,
-// exactly as kaojax/render/tiles.py's pure-JAX reference does.
+// Every tile composites all the primitives covering it, sorted front to back
+// by (key, index), exactly as kaojax/render/tiles.py's pure-JAX reference does
+// (sort-based binning: no per-tile cap, nothing dropped).
 #pragma once
 
 #include <cmath>

@@ -47,67 +47,66 @@ inline ffi::Error invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("kaojax native rasterizer: " + what);
 }
 
-// Views, primitives and tile-list capacity of one call.
+// Views and primitives of one call.
 struct CallShape {
   int64_t views = 0, n = 0;
-  int32_t capacity = 0;
 };
 
-// Reads the call's shape from prims [..., N, params] and the tile lists
-// [..., num_tiles, capacity]; an error says what does not fit.
-template <typename Prims, typename Ids>
-ffi::Error call_shape(const Grid& g, const Prims& prims, int64_t params, const Ids& ids,
-                      CallShape* s) {
+// Reads the call's shape from prims [..., N, params] and checks keys [..., N] and
+// rects [..., N, 4] against it; an error says what does not fit.
+template <typename Prims, typename Keys, typename Rects>
+ffi::Error call_shape(const Grid& g, const Prims& prims, int64_t params, const Keys& keys,
+                      const Rects& rects, CallShape* s) {
   s->n = dim_from_end(prims, 2);
   s->views = leading(prims, 2);
-  s->capacity = (int32_t)dim_from_end(ids, 1);
   if (dim_from_end(prims, 1) != params)
     return invalid("per-primitive parameters must have size " + std::to_string(params));
-  if (leading(ids, 2) != s->views || dim_from_end(ids, 2) != g.num_tiles())
-    return invalid("tile list buffer does not match the tile grid");
-  if (g.tiles_x <= 0 || s->capacity <= 0) return invalid("bad tile size or capacity");
+  if (leading(keys, 1) != s->views || dim_from_end(keys, 1) != s->n)
+    return invalid("keys must be [..., N]");
+  if (leading(rects, 2) != s->views || dim_from_end(rects, 2) != s->n ||
+      dim_from_end(rects, 1) != 4)
+    return invalid("rects must be [..., N, 4]");
+  if (g.tiles_x <= 0) return invalid("bad tile size");
   return ffi::Error::Success();
 }
 
-// The FFI signatures, shared by both backends; CTX is the platform context
-// (ffi::ThreadPool on CPU, ffi::PlatformStream<cudaStream_t> on CUDA).
+// The FFI signatures, shared by both backends; CTX is the chain of platform
+// contexts (.Ctx<ffi::ThreadPool>() on CPU; on CUDA the stream and the scratch
+// allocator).
 #define KAOJAX_ATTRS .Attr<int32_t>("width").Attr<int32_t>("height").Attr<int32_t>("tile_size")
 
-// (prims, keys, rects) -> (feats, trans, ids, counts, last)
+// (prims, keys, rects) -> (feats, trans, counts, last)
 #define KAOJAX_FORWARD_BINDING(CTX)                                                    \
   ::xla::ffi::Ffi::Bind()                                                              \
-      .Ctx<CTX>()                                                                      \
+      CTX                                                                              \
       .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()                                      \
       .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
       .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
-      .Ret<::xla::ffi::Buffer<::xla::ffi::S32>>()                                      \
       .Ret<::xla::ffi::Buffer<::xla::ffi::S32>>()                                      \
       .Ret<::xla::ffi::Buffer<::xla::ffi::S32>>() KAOJAX_ATTRS
 
-// (prims, ids, counts, last, trans, grad_feats, grad_trans) -> (grad_prims, slot_grads)
+// (prims, keys, rects, last, trans, grad_feats, grad_trans) -> grad_prims
 #define KAOJAX_BACKWARD_BINDING(CTX)                                                   \
   ::xla::ffi::Ffi::Bind()                                                              \
-      .Ctx<CTX>()                                                                      \
+      CTX                                                                              \
+      .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()                                      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()                                      \
-      .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()                                      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
-      .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
       .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>() KAOJAX_ATTRS
 
-// (tris, keys, rects) -> (face_id, ids, counts)
+// (tris, keys, rects) -> (face_id, counts)
 #define KAOJAX_MESH_BINDING(CTX)                                                       \
   ::xla::ffi::Ffi::Bind()                                                              \
-      .Ctx<CTX>()                                                                      \
+      CTX                                                                              \
       .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()                                      \
       .Arg<::xla::ffi::Buffer<::xla::ffi::S32>>()                                      \
-      .Ret<::xla::ffi::Buffer<::xla::ffi::S32>>()                                      \
       .Ret<::xla::ffi::Buffer<::xla::ffi::S32>>()                                      \
       .Ret<::xla::ffi::Buffer<::xla::ffi::S32>>() KAOJAX_ATTRS
 

@@ -1,0 +1,67 @@
+"""What every training loop of kaojax shares around its step: multi-host start-up,
+the placement of a `TrainState` on the ("data", "fsdp") device mesh, Orbax
+checkpoints (exact resume) and the absl log filter. Used by KaoLRM's loop
+(`train/loop.py`) and FaceLift's (`train/facelift_loop.py`)."""
+
+import logging as std_logging
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from kaojax import sharding
+
+
+class QuietLibraries(std_logging.Filter):
+  """Drops INFO chatter of Orbax from the absl log (warnings still pass)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def initialize_distributed(distributed):
+  """jax.distributed.initialize with config.distributed's fields; the empty ones are
+  left to JAX's cluster detection."""
+  jax.distributed.initialize(
+      coordinator_address=distributed.coordinator_address or None,
+      num_processes=distributed.num_processes if distributed.num_processes > 0 else None,
+      process_id=distributed.process_id if distributed.process_id >= 0 else None)
+  logging.info("process %d of %d; %d local and %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def checkpoint_manager(workdir, config):
+  """Orbax manager of WORKDIR/checkpoints (config: checkpoint_every, keep_checkpoints,
+  async_checkpoints)."""
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
+      enable_async_checkpointing=config.async_checkpoints)
+  return ocp.CheckpointManager(pathlib.Path(workdir).resolve() / "checkpoints",
+                               options=options)
+
+
+def restore_latest(manager, state, where: str):
+  """The latest checkpoint of `manager`, restored with `state`'s shapes and shardings."""
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {where}")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def place_state(state, device_mesh, tx):
+  """TrainState on `device_mesh`: parameters (and their optimiser state) sharded by
+  the logical rules (sharding.RULES), everything else replicated."""
+  replicated = sharding.replicated(device_mesh)
+  params = sharding.shard_state(state.params, device_mesh)
+  mesh_devices = set(device_mesh.devices.flat)
+  # Moments follow their parameters' shardings; step counters land on one device
+  # and are replicated here.
+  opt_state = jax.tree.map(
+      lambda x: x if x.sharding.device_set == mesh_devices else jax.device_put(x, replicated),
+      jax.jit(tx.init)(params))
+  return state.replace(params=params, rest=jax.device_put(state.rest, replicated),
+                       opt_state=opt_state,
+                       **{name: jax.device_put(getattr(state, name), replicated)
+                          for name in ("step", "nonfinite_steps", "nonfinite_streak")})
