@@ -208,9 +208,6 @@ class RenderTiling:
   Nothing is ever dropped: the renderers bin without a per-tile cap."""
   mesh_tile_size: int | None = None
 
-  def surfel_options(self) -> dict:
-    return {}
-
   def mesh_options(self) -> dict:
     return {} if self.mesh_tile_size is None else {"tile_size": self.mesh_tile_size}
 
@@ -282,7 +279,7 @@ class KaoLRM(nnx.Module):
     are the renderers' own (no clamping). tiling: the renderers' tile settings.
     """
     renders = {"surfels": rasterize_surfels(out.gaussians, viewmats, Ks, width, height,
-                                            background, **tiling.surfel_options())}
+                                            background)}
     if mesh:
       renders["mesh"] = rasterize_mesh(out.vertices, self.flame_model.faces, viewmats, Ks,
                                        width, height, **tiling.mesh_options())
