@@ -4,14 +4,16 @@
         --config.init.converted_model=CKPT --config.loss.lpips_weights=DIR
     python run.py --config=configs/facelift_gslrm.py:tiny --workdir=outputs/gslrm_tiny
 
-The default is the reference's stage III: fine-tuning on synthetic heads at 512 px,
-4 random input views reconstructing 8 (inputs + 4 novel), lr 1e-4, batch 2 per GPU
-(16 on 8), 20k steps, AdamW (0.9, 0.95), weight decay 0.05, clip 1.0, cosine with
-warm-up, loss 1.0 MSE + 0.5 perceptual. Its earlier stages are the same run on other
-data: I (Objaverse, 256 px, lr 4e-4, batch 8 per GPU, 80k steps) and II (Objaverse,
-512 px, lr 1e-4, batch 2 per GPU, 20k steps) - set data.root, data.image_size,
-optim.lr, batch_size and total_steps, and init.converted_model to the previous stage's
-gslrm_model/. The perceptual term here is LPIPS-VGG16 (`kaojax.losses.perceptual`;
+The reference trains in three resolution stages, each a run of this job started from
+the previous stage's WORKDIR/gslrm_model (`--config.init.converted_model`):
+  :stage1  Objaverse renders at 256 px, lr 4e-4, batch 8 per GPU (64 on 8), 80k steps
+  :stage2  Objaverse renders at 512 px, lr 1e-4, batch 2 per GPU (16 on 8), 20k steps
+  :stage3  (the default) fine-tuning on synthetic heads at 512 px, lr 1e-4, batch 16,
+           20k steps
+All: 4 random input views reconstructing 8 (inputs + 4 novel), AdamW (0.9, 0.95),
+weight decay 0.05, clip 1.0, cosine with warm-up, loss 1.0 MSE + 0.5 perceptual.
+Stages I and II need `--config.data.root` (Objaverse in the FaceLift layout; not
+available here). The perceptual term here is LPIPS-VGG16 (`kaojax.losses.perceptual`;
 the reference's is a VGG19 feature loss, not implemented).
 
 `:tiny`: random-weight 1-layer model, 32-px synthetic heads, no perceptual term (no
@@ -57,6 +59,17 @@ def get_config(arg: str = ""):
     config.eval_every = 80
     config.checkpoint_every = 80
     config.eval.max_subjects = 3
+  elif arg in STAGES:
+    image_size, lr, batch_size, steps = STAGES[arg]
+    config.data.image_size = image_size
+    config.optim.lr = lr
+    config.batch_size = batch_size
+    config.total_steps = steps
   elif arg:
-    raise ValueError(f"unknown preset {arg!r} (known: tiny)")
+    raise ValueError(f"unknown preset {arg!r} (known: tiny, {', '.join(STAGES)})")
   return config
+
+
+# The reference's resolution stages: (image size, lr, global batch, steps).
+STAGES = {"stage1": (256, 4e-4, 64, 80_000), "stage2": (512, 1e-4, 16, 20_000),
+          "stage3": (512, 1e-4, 16, 20_000)}

@@ -3,6 +3,7 @@
 
 import jax
 import numpy as np
+import pytest
 import torch
 from flax import nnx
 
@@ -49,3 +50,15 @@ def test_remat_changes_no_gradient():
     grads.append(jax.tree.leaves(jax.jit(jax.grad(objective))(params)))
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_resolution_stage_presets():
+  """The reference's three stages: 256 px then 512 px on Objaverse, then the heads;
+  the default config is stage III."""
+  want = {"stage1": (256, 4e-4, 64, 80_000), "stage2": (512, 1e-4, 16, 20_000),
+          "stage3": (512, 1e-4, 16, 20_000), "": (512, 1e-4, 16, 20_000)}
+  for preset, values in want.items():
+    c = facelift_gslrm.get_config(preset)
+    assert (c.data.image_size, c.optim.lr, c.batch_size, c.total_steps) == values, preset
+  with pytest.raises(ValueError, match="stage1"):
+    facelift_gslrm.get_config("stage4")
