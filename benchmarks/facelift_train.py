@@ -29,6 +29,7 @@ from timing import best_time, device_peak_bytes, lowered_flops, peak_flops
 from configs import facelift_gslrm, facelift_mvdiff
 from data_pipeline.view_batch import random_view_batch
 from kaojax import sharding
+from kaojax.losses.perceptual import LPIPS
 from kaojax.train import facelift_gslrm as gslrm_training
 from kaojax.train import facelift_loop
 from kaojax.train import facelift_mvdiff as mvdiff_training
@@ -50,7 +51,10 @@ def run_config(module, preset, size, batch, dtype):
 def parts(module, config):
   """(trainable network, loss_fn, frozen networks, views per subject)."""
   if module is facelift_gslrm:
-    return (gslrm_training.build_model(config), gslrm_training.make_loss(config), None,
+    # The perceptual term at its weight, through a random-weight LPIPS-VGG16 (speed
+    # does not depend on the weights; the real ones are not bundled).
+    perceptual = LPIPS(nnx.Rngs(0)) if config.loss.lpips_weight else None
+    return (gslrm_training.build_model(config), gslrm_training.make_loss(config), perceptual,
             config.data.num_views)
   unet, conditioners = mvdiff_training.build_networks(config)
   return unet, mvdiff_training.make_loss(config), conditioners, mvdiff_training.NUM_VIEWS
