@@ -26,13 +26,18 @@ then runs, in order, each step in its own process under its own timeout:
                 per image for the whole pipeline (50 DDIM steps, GS-LRM, PLY export)
   gsplat        gsplat's rasterization_2dgs vs ours on the same scene
                 (benchmarks/render_gpu.py), if its background build finished in time
+and, only when named in --steps (the default budget has no room for it):
+  facelift_train  FaceLift's two training steps at the released sizes, bf16, remat
+                (benchmarks/facelift_train.py's measure()): GS-LRM at 512 px, 2 subjects
+                x 8 views; the multi-view UNet (with VAE and CLIP conditions), 1 subject
+                x 6 views: step time, examples/s, XLA's buffer plan, MFU
 Each step writes step_<name>.json into the output folder (--out, default $OUT) as it
 goes, so a step that times out keeps what it measured, and after every step the
 merged result gpu_<date>_<commit>.json is rewritten there (and, on a GPU, into
 benchmarks/results/). A step that fails or times out is recorded with its error and
 the run goes on. At most 8 files are written to the output folder (the lent machine
-returns no more): six step JSONs, the merged JSON (setup's record inside it) and
-gpu_check.log.
+returns no more): a step JSON per step (six at most: name no more than six steps),
+the merged JSON (setup's record inside it) and gpu_check.log.
 
 --cpu-dry-run runs the same steps end to end on a CPU at toy sizes (tiny presets, a few
 hundred surfels, 32 px images, 2 DDIM steps), with no wheel install and no CUDA build,
@@ -59,12 +64,14 @@ HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 SCHEMA = "kaojax-gpu-check/1"
 
-STEPS = ("cuda_parity", "render", "kaolrm_train", "kaolrm_infer", "facelift", "gsplat")
+STEPS = ("cuda_parity", "render", "kaolrm_train", "kaolrm_infer", "facelift", "gsplat",
+         "facelift_train")
+DEFAULT_STEPS = STEPS[:6]      # six step JSONs + merged JSON + log: the 8 files returned
 # Seconds each step may take on the GPU (the --budget cuts later steps shorter).
 GPU_TIMEOUTS = {"setup": 240, "cuda_parity": 150, "render": 120, "kaolrm_train": 200,
-                "kaolrm_infer": 120, "facelift": 240, "gsplat": 90}
+                "kaolrm_infer": 120, "facelift": 240, "gsplat": 90, "facelift_train": 300}
 DRY_TIMEOUTS = {"setup": 60, "cuda_parity": 90, "render": 60, "kaolrm_train": 120,
-                "kaolrm_infer": 60, "facelift": 90, "gsplat": 30}
+                "kaolrm_infer": 60, "facelift": 90, "gsplat": 30, "facelift_train": 120}
 MIN_STEP_S = 15          # a step is not started with less than this left of the budget
 MERGE_RESERVE_S = 10
 
@@ -82,13 +89,17 @@ GPU_SIZES = dict(
     train_preset="base", train_batch=16, train_repeats=3, dtype="bfloat16",
     infer_preset="base", infer_batches=(1, 64), infer_repeats=5,
     facelift_presets="facelift", facelift_size=512, facelift_steps=50, facelift_views=6,
-    unet_repeats=5, parity_select="not cpu")
+    unet_repeats=5, parity_select="not cpu",
+    train_facelift_preset="facelift", train_facelift_size=512,
+    train_facelift_batch={"gslrm": 2, "mvdiff": 1}, train_facelift_remat=True)
 DRY_SIZES = dict(
     surfels=300, render_size=32, views=2, render_repeats=1,
     train_preset="tiny", train_batch=2, train_repeats=1, dtype="bfloat16",
     infer_preset="tiny", infer_batches=(1, 2), infer_repeats=1,
     facelift_presets="tiny", facelift_size=32, facelift_steps=2, facelift_views=6,
-    unet_repeats=1, parity_select="cuda")
+    unet_repeats=1, parity_select="cuda",
+    train_facelift_preset="tiny", train_facelift_size=None,
+    train_facelift_batch={"gslrm": None, "mvdiff": None}, train_facelift_remat=True)
 
 
 # ----------------------------------------------------------------------------
@@ -652,9 +663,22 @@ def step_facelift(args, w):
                     "export (no turntable rendering)")
 
 
+def step_facelift_train(args, w):
+  import facelift_train   # benchmarks/facelift_train.py
+  s = _sizes(args)
+  w.update(preset=s["train_facelift_preset"], dtype=s["dtype"],
+           remat=s["train_facelift_remat"], **_device_info())
+  for name in ("gslrm", "mvdiff"):
+    result = facelift_train.measure(
+        name, s["train_facelift_preset"], s["train_repeats"], s["train_facelift_size"],
+        s["train_facelift_batch"][name], s["dtype"], s["train_facelift_remat"])
+    w.update(**{name: result})
+
+
 STEP_FUNCTIONS = {"cuda_parity": step_cuda_parity, "render": step_render,
                   "kaolrm_train": step_kaolrm_train, "kaolrm_infer": step_kaolrm_infer,
-                  "facelift": step_facelift, "gsplat": step_gsplat}
+                  "facelift": step_facelift, "gsplat": step_gsplat,
+                  "facelift_train": step_facelift_train}
 
 
 def run_step(args):
@@ -744,6 +768,17 @@ def _headline(name, step):
     else:
       out["facelift_seconds_per_image"] = problem or {"error": "no figure"}
     return out
+  if name == "facelift_train":
+    if "gslrm" in step or "mvdiff" in step:
+      value = {k: step.get(k) for k in ("gslrm", "mvdiff", "preset", "dtype", "remat")}
+      value["units"] = {"step_s": "s per training step", "examples_per_s": "subjects/s",
+                        "xla_plan_gib": "GiB (XLA's buffer plan)",
+                        "peak_memory_gib": "GiB (device peak in use, this process so far)",
+                        "mfu": "fraction of the dtype's dense peak"}
+      if problem:
+        value.update(problem)
+      return {"facelift_train": value}
+    return {"facelift_train": problem or {"error": "no figures"}}
   if name == "gsplat":
     if "gsplat_fwd_bwd_ms" in step:
       return {"surfel_vs_gsplat": {k: step.get(k) for k in (
@@ -819,10 +854,13 @@ def orchestrate(args):
   for item in args.step_timeout:
     name, _, value = item.partition("=")
     timeouts[name] = float(value)
-  selected = [s for s in (args.steps.split(",") if args.steps else STEPS) if s]
+  selected = [s for s in (args.steps.split(",") if args.steps else DEFAULT_STEPS) if s]
   unknown = [s for s in selected if s not in STEPS]
   if unknown:
     raise SystemExit(f"unknown steps {unknown}; known: {', '.join(STEPS)}")
+  if len(selected) > len(DEFAULT_STEPS):
+    raise SystemExit(f"at most {len(DEFAULT_STEPS)} steps per call: the lent machine "
+                     "returns 8 files (a JSON per step, the merged JSON and the log)")
 
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timing import device_peak_bytes
+from timing import device_peak_bytes, xla_buffer_bytes
 from kaojax.render import rasterize_gaussians, rasterize_mesh, rasterize_surfels, tiles
 from kaojax.render import gaussian3d, mesh, surfel
 from kaojax.render.demo import (facelift_head_scene, head_cameras, head_vertices,
@@ -54,10 +54,7 @@ def _compile_and_time(fn, args, repeats):
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - start
-  analysis = compiled.memory_analysis()
-  nbytes = None if analysis is None else int(
-      analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-      + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  nbytes = xla_buffer_bytes(compiled)
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()

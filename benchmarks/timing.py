@@ -1,7 +1,8 @@
 """Shared helpers of the benchmark scripts (run as `python benchmarks/X.py`, so this
-module is importable as `timing`): best-of-N timing, XLA FLOP counts, the device's
-peak FLOP/s and peak memory in use."""
+module is importable as `timing`): best-of-N timing, XLA FLOP counts and buffer
+plans, the device's peak FLOP/s and peak memory in use."""
 
+import resource
 import time
 
 import jax
@@ -62,3 +63,22 @@ def device_peak_bytes():
   (the CPU)."""
   stats = jax.devices()[0].memory_stats()
   return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def xla_buffer_bytes(compiled):
+  """The bytes XLA's buffer plan of a compiled program needs at once: arguments +
+  outputs + temporaries - aliased (donated) buffers; None where there is no plan."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def peak_memory_gib():
+  """The accelerator's peak bytes in use, or on the CPU the process's peak resident
+  memory (compilation included), in GiB."""
+  peak = device_peak_bytes() if jax.default_backend() != "cpu" else None
+  if peak is not None:
+    return peak / 2 ** 30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20

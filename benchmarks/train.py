@@ -19,13 +19,12 @@ memory, compilation included).
 import argparse
 import dataclasses
 import json
-import resource
 
 import jax
 import numpy as np
 from flax import nnx
 
-from timing import best_time, device_peak_bytes, lowered_flops, peak_flops
+from timing import best_time, lowered_flops, peak_flops, peak_memory_gib
 from configs import stage2
 from data_pipeline.batch import random_batch
 from kaojax import losses
@@ -134,15 +133,6 @@ def _report(preset, result, views, render, samples):
     parts.append(f"{result['stage2_gflops_achieved']:.3g} GFLOP/s achieved"
                  + (f", MFU {result['stage2_mfu']:.1%}" if "stage2_mfu" in result else ""))
   print(" | ".join(parts), flush=True)
-
-
-def peak_memory_gib():
-  """The accelerator's peak bytes in use, or on the CPU the process's peak resident
-  memory (compilation included)."""
-  peak = device_peak_bytes() if jax.default_backend() != "cpu" else None
-  if peak is not None:
-    return peak / 2 ** 30
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def main():

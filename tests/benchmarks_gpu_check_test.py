@@ -102,3 +102,22 @@ def test_merge_joins_the_steps_of_two_runs(dry_run, tmp_path):
   assert merged["kaolrm_infer_images_per_s"]["batch_1"] == 3.0
   assert merged["kaolrm_train"] == first["kaolrm_train"]
   assert merged["commit"] == "test" and merged["device"]["platform"] == "cpu"
+
+
+def test_facelift_train_step_measures_both_trainings(tmp_path):
+  r = _run(tmp_path, "--steps", "facelift_train", timeout=300)
+  assert r["steps"]["facelift_train"]["status"] == "ok", r["steps"]["facelift_train"]
+  train = r["facelift_train"]
+  for name in ("gslrm", "mvdiff"):
+    assert _positive(train[name]["step_s"]) and _positive(train[name]["examples_per_s"])
+    assert _positive(train[name]["xla_plan_gib"]) and train[name]["remat"] is True
+    assert train[name]["dtype"] == "bfloat16"
+  assert "kaolrm_train" not in r["steps"]
+
+
+def test_more_steps_than_files_returned_are_refused(tmp_path):
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-dry-run", "--out", str(tmp_path),
+                         "--steps", "cuda_parity,render,kaolrm_train,kaolrm_infer,facelift,"
+                         "gsplat,facelift_train"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode != 0 and "at most 6 steps" in proc.stderr

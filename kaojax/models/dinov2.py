@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kaojax.nn.attention import dot_product_attention
-from kaojax.nn.remat import remat_call
+from kaojax.nn.remat import remat_scan
 from kaojax.nn.layers import layer_norm, linear
 from kaojax.sharding import EMBED, HEADS, MLP_HIDDEN
 
@@ -170,11 +170,10 @@ class Dinov2(nnx.Module):
     return jnp.concatenate(parts, axis=1)
 
   def run_blocks(self, x):
+    if self.cfg.remat:
+      return remat_scan(list(self.blocks), x)
     for block in self.blocks:
-      if self.cfg.remat:
-        x = remat_call(block, x)
-      else:
-        x = block(x)
+      x = block(x)
     return x
 
   def __call__(self, images):

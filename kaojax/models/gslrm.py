@@ -29,7 +29,7 @@ from kaojax.geometry.rays import facelift_ray_encoding, pixel_rays
 from kaojax.models.presets import preset
 from kaojax.nn.attention import dot_product_attention
 from kaojax.nn.layers import layer_norm, linear
-from kaojax.nn.remat import remat_call
+from kaojax.nn.remat import remat_scan
 from kaojax.render.gaussians import Gaussians
 from kaojax.sharding import EMBED, HEADS, MLP_HIDDEN
 
@@ -206,8 +206,11 @@ class GSLRM(nnx.Module):
     globals_ = jnp.broadcast_to(self.global_tokens[...].astype(tokens.dtype),
                                 (b, cfg.num_global, cfg.dim))
     x = self.input_norm(jnp.concatenate([globals_, tokens], axis=1))
-    for block in self.blocks:
-      x = remat_call(block, x) if cfg.remat else block(x)
+    if cfg.remat:
+      x = remat_scan(list(self.blocks), x)
+    else:
+      for block in self.blocks:
+        x = block(x)
 
     raw_global = self.global_head(self.global_norm(x[:, :cfg.num_global]))
     raw_pixel = self.pixel_head(self.pixel_norm(x[:, cfg.num_global:]))

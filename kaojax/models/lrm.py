@@ -20,7 +20,7 @@ from kaojax.models.presets import preset
 from kaojax.nn.attention import dot_product_attention
 from kaojax.nn.layers import layer_norm, linear
 from kaojax.nn.params import call_frozen, mark_parameters
-from kaojax.nn.remat import remat_call
+from kaojax.nn.remat import remat_scan
 from kaojax.sharding import COND, EMBED, HEADS, MLP_HIDDEN
 
 
@@ -183,22 +183,28 @@ class TriplaneTransformer(nnx.Module):
     self.layers = nnx.List([ModulatedBlock(cfg, rngs) for _ in range(cfg.layers)])
     self.norm = layer_norm(cfg.dim, cfg.ln_eps, rngs, cfg.dtype)
 
-  def run_layers(self, image_tokens, cond):
-    """All blocks; returns the list of per-layer outputs (before the final norm)."""
+  def initial_tokens(self, image_tokens):
+    """The learned plane tokens, one copy per batch element: [B, N, D]."""
     b = image_tokens.shape[0]
-    x = jnp.broadcast_to(self.pos_embed[...].astype(image_tokens.dtype),
-                         (b,) + self.pos_embed.shape[1:])
+    return jnp.broadcast_to(self.pos_embed[...].astype(image_tokens.dtype),
+                            (b,) + self.pos_embed.shape[1:])
+
+  def run_layers(self, image_tokens, cond):
+    """All blocks, without rematerialisation; returns the list of per-layer outputs
+    (before the final norm)."""
+    x = self.initial_tokens(image_tokens)
     outs = []
     for layer in self.layers:
-      if self.cfg.remat:
-        x = remat_call(layer, x, image_tokens, cond)
-      else:
-        x = layer(x, image_tokens, cond)
+      x = layer(x, image_tokens, cond)
       outs.append(x)
     return outs
 
   def __call__(self, image_tokens, cond):
-    return self.norm(self.run_layers(image_tokens, cond)[-1])
+    if self.cfg.remat:
+      x = remat_scan(list(self.layers), self.initial_tokens(image_tokens), image_tokens, cond)
+    else:
+      x = self.run_layers(image_tokens, cond)[-1]
+    return self.norm(x)
 
 
 class Upsampler(nnx.Module):

@@ -26,7 +26,6 @@ from typing import Any, Callable, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -99,9 +98,11 @@ def make_train_step(graphdef, tx, loss_fn, frozen_graph=None, ema_decay=None):
 
 
 def initial_state(model, tx, device_mesh, ema: bool = False):
-  """-> (graphdef, TrainState (EMATrainState with `ema`) placed on device_mesh)."""
+  """-> (graphdef, TrainState (EMATrainState with `ema`) placed on device_mesh; left
+  where it is with device_mesh None, e.g. to trace its shapes alone)."""
   graphdef, state = create_state(model, tx)
-  state = runtime.place_state(state, device_mesh, tx)
+  if device_mesh is not None:
+    state = runtime.place_state(state, device_mesh, tx)
   if ema:
     copy = jax.tree.map(jnp.copy, state.params)
     state = EMATrainState(**{f.name: getattr(state, f.name)
@@ -212,10 +213,8 @@ def train(config, workdir, device_mesh, task: Task) -> dict:
     if step == config.stop_at_step:
       logging.info("stopping at step %d as config.stop_at_step says", step)
       break
-    local = next(batches)
-    skipped += int(np.sum(local.num_skipped))
-    batch = jax.tree.map(lambda v: jax.make_array_from_process_local_data(data_sharding, v),
-                         local.replace(num_skipped=None))
+    batch, newly_skipped = runtime.next_global_batch(batches, data_sharding)
+    skipped += newly_skipped
     state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
     done = step + 1
     if done % config.log_every == 0 or done == total_steps:
@@ -225,20 +224,11 @@ def train(config, workdir, device_mesh, task: Task) -> dict:
       writer.write(done, metrics, skipped_subjects=skipped)
       progress.set_postfix(loss=f"{float(metrics['loss']):.4g}", skipped=skipped)
       logging.info("%.3f s/step", elapsed / config.log_every)
-      streak = int(metrics["nonfinite_streak"])
-      if streak >= config.max_nonfinite_streak:
-        raise FloatingPointError(
-            f"{streak} training steps in a row (up to step {done}) had a non-finite loss or "
-            f"gradients; their updates were skipped, {int(metrics['nonfinite_steps'])} in all "
-            f"(config.max_nonfinite_streak={config.max_nonfinite_streak}). Lower "
-            f"config.optim.lr or check the data.")
+      runtime.check_nonfinite_streak(metrics, done, config.max_nonfinite_streak)
     manager.save(done, args=ocp.args.StandardSave(state))
     if evaluating and (done % config.eval_every == 0 or done == total_steps):
       last_eval = run_eval(done)
-  final = int(state.step)
-  if final not in manager.all_steps():
-    manager.save(final, args=ocp.args.StandardSave(state), force=True)
-  manager.wait_until_finished()
+  final = runtime.save_final(manager, state)
   if task.finish is not None and final == total_steps:
     task.finish(graphdef, state)
   writer.close()

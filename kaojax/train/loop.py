@@ -15,7 +15,6 @@ import pathlib
 import time
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -121,12 +120,6 @@ def make_loader(config, root, split, cfg):
                    f"got {config.data.kind!r}")
 
 
-# Shared with FaceLift's loop (kaojax/train/runtime.py), under their old names here.
-_checkpoint_manager = runtime.checkpoint_manager
-_restore_latest = runtime.restore_latest
-place_state = runtime.place_state
-
-
 def compile_step(graphdef, tx, state, device_mesh, weights: dict, synth_focal: float,
                  tiling: RenderTiling = DEFAULT_TILING, perceptual=None):
   """The jitted train step (state, batch, key) -> (state, metrics) for `state`'s
@@ -163,18 +156,14 @@ def build_perceptual(config, weights: dict):
   return loading.load_lpips(path)
 
 
-_QuietLibraries = runtime.QuietLibraries
-initialize_distributed = runtime.initialize_distributed
-
-
 def train_and_evaluate(config, workdir) -> dict:
   """Trains KaoLRM as `config` says, writing everything into `workdir`.
   Returns the last evaluation metrics."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(runtime.QuietLibraries())
   if config.multihost:
-    initialize_distributed(config.distributed)
+    runtime.initialize_distributed(config.distributed)
   render_native.set_default_backend(config.render.get("backend", "auto"))
   logging.info("renderers: %s", render_native.resolve())
   device_mesh = sharding.make_device_mesh(config.device_mesh.data, config.device_mesh.fsdp)
@@ -213,15 +202,15 @@ def train_and_evaluate(config, workdir) -> dict:
                       restart_step=schedule.restart_step, restart_lr=config.optim.stage2_lr)
   graphdef, state = create_state(model, tx)
   del model
-  state = place_state(state, device_mesh, tx)
+  state = runtime.place_state(state, device_mesh, tx)
 
-  manager = _checkpoint_manager(workdir, config)
+  manager = runtime.checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
-    state = _restore_latest(manager, state, str(workdir))
+    state = runtime.restore_latest(manager, state, str(workdir))
     logging.info("resumed from step %d", int(state.step))
   elif config.init.stage1_checkpoint:
     source = ocp.CheckpointManager(pathlib.Path(config.init.stage1_checkpoint).resolve())
-    restored = _restore_latest(source, state, config.init.stage1_checkpoint)
+    restored = runtime.restore_latest(source, state, config.init.stage1_checkpoint)
     state = state.replace(params=restored.params, rest=restored.rest)
     logging.info("parameters initialised from %s", config.init.stage1_checkpoint)
   start = int(state.step)
@@ -264,10 +253,8 @@ def train_and_evaluate(config, workdir) -> dict:
     if step == config.stop_at_step:
       logging.info("stopping at step %d as config.stop_at_step says", step)
       break
-    local = next(batches)
-    skipped += int(np.sum(local.num_skipped))
-    batch = jax.tree.map(lambda v: jax.make_array_from_process_local_data(data_sharding, v),
-                         local.replace(num_skipped=None))
+    batch, newly_skipped = runtime.next_global_batch(batches, data_sharding)
+    skipped += newly_skipped
     stage = schedule.stage_at(step)
     state, metrics = steps[stage](state, batch, jax.random.fold_in(key, step))
     done = step + 1
@@ -280,19 +267,10 @@ def train_and_evaluate(config, workdir) -> dict:
                            skipped=skipped)
       logging.info("%.2f s/step, %d unreadable subjects skipped so far",
                    elapsed / config.log_every, skipped)
-      streak = int(metrics["nonfinite_streak"])
-      if streak >= config.max_nonfinite_streak:
-        raise FloatingPointError(
-            f"{streak} training steps in a row (up to step {done}) had a non-finite loss or "
-            f"gradients; their updates were skipped, {int(metrics['nonfinite_steps'])} in all "
-            f"(config.max_nonfinite_streak={config.max_nonfinite_streak}). The parameters "
-            f"are those before the first of them. Lower config.optim.lr or check the data.")
+      runtime.check_nonfinite_streak(metrics, done, config.max_nonfinite_streak)
     manager.save(done, args=ocp.args.StandardSave(state))
     if eval_set is not None and (done % config.eval_every == 0 or done == total_steps):
       last_eval = run_eval(done)
-  final = int(state.step)
-  if final not in manager.all_steps():  # always leave a checkpoint of where we stopped
-    manager.save(final, args=ocp.args.StandardSave(state), force=True)
-  manager.wait_until_finished()
+  runtime.save_final(manager, state)
   writer.close()
   return last_eval

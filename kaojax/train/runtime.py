@@ -1,12 +1,14 @@
 """What every training loop of kaojax shares around its step: multi-host start-up,
-the placement of a `TrainState` on the ("data", "fsdp") device mesh, Orbax
-checkpoints (exact resume) and the absl log filter. Used by KaoLRM's loop
+the placement of a `TrainState` on the ("data", "fsdp") device mesh, global batches
+from each host's share, the non-finite streak guard, Orbax checkpoints (exact resume)
+and the absl log filter. Used by KaoLRM's loop
 (`train/loop.py`) and FaceLift's (`train/facelift_loop.py`)."""
 
 import logging as std_logging
 import pathlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -65,3 +67,36 @@ def place_state(state, device_mesh, tx):
                        opt_state=opt_state,
                        **{name: jax.device_put(getattr(state, name), replicated)
                           for name in ("step", "nonfinite_steps", "nonfinite_streak")})
+
+
+def next_global_batch(batches, data_sharding):
+  """The next batch of the host's iterator `batches` (its `num_skipped` counted and
+  dropped) as one global array per field, split over `data_sharding`.
+  -> (batch, subjects skipped while reading it)."""
+  local = next(batches)
+  skipped = int(np.sum(local.num_skipped))
+  batch = jax.tree.map(lambda v: jax.make_array_from_process_local_data(data_sharding, v),
+                       local.replace(num_skipped=None))
+  return batch, skipped
+
+
+def check_nonfinite_streak(metrics, step: int, limit: int):
+  """Raises FloatingPointError once `limit` steps in a row (metrics["nonfinite_streak"],
+  up to `step`) had a non-finite loss or gradients."""
+  streak = int(metrics["nonfinite_streak"])
+  if streak >= limit:
+    raise FloatingPointError(
+        f"{streak} training steps in a row (up to step {step}) had a non-finite loss or "
+        f"gradients; their updates were skipped, {int(metrics['nonfinite_steps'])} in all "
+        f"(config.max_nonfinite_streak={limit}). The parameters are those before the "
+        f"first of them. Lower config.optim.lr or check the data.")
+
+
+def save_final(manager, state):
+  """Checkpoints `state` at its step unless that step is saved already (a run always
+  leaves a checkpoint of where it stopped), and waits for the writes."""
+  final = int(state.step)
+  if final not in manager.all_steps():
+    manager.save(final, args=ocp.args.StandardSave(state), force=True)
+  manager.wait_until_finished()
+  return final

@@ -15,7 +15,8 @@ from data_pipeline.batch import random_batch
 from kaojax import losses, sharding
 from kaojax.flame.synthetic import make_synthetic_flame
 from kaojax.models.kaolrm import KaoLRM, kaolrm_config
-from kaojax.train.loop import compile_step, place_state
+from kaojax.train.loop import compile_step
+from kaojax.train.runtime import place_state
 from kaojax.train.optimizer import make_optimizer
 from kaojax.train.step import create_state
 
