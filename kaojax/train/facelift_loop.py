@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from data_pipeline import heads, sources
@@ -141,12 +140,7 @@ def heads_root(config, workdir) -> pathlib.Path:
                    val_fraction=syn.val_fraction)
     (root / SYNTHETIC_DONE).write_text(json.dumps(syn.to_dict()))
 
-  if jax.process_index() == 0 and not (root / SYNTHETIC_DONE).is_file():
-    generate()
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("synthetic heads")
-    if not (root / SYNTHETIC_DONE).is_file():
-      generate()
+  runtime.generate_once(root / SYNTHETIC_DONE, generate, "synthetic heads")
   return root
 
 

@@ -18,7 +18,6 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from data_pipeline import sources, synthetic
@@ -100,14 +99,7 @@ def dataset_root(config, workdir) -> pathlib.Path:
                        monocular_out=target if monocular else None)
     (target / SYNTHETIC_DONE).write_text(json.dumps(syn.to_dict()))
 
-  # Multi-host: process 0 writes while the others wait; a host whose work directory
-  # is not shared with process 0's then writes its own copy (the same, by the seed).
-  if jax.process_index() == 0 and not (target / SYNTHETIC_DONE).is_file():
-    generate()
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("synthetic dataset")
-    if not (target / SYNTHETIC_DONE).is_file():
-      generate()
+  runtime.generate_once(target / SYNTHETIC_DONE, generate, "synthetic dataset")
   return target
 
 

@@ -1,5 +1,6 @@
 """What every training loop of kaojax shares around its step: multi-host start-up,
-the placement of a `TrainState` on the ("data", "fsdp") device mesh, global batches
+built-in data generated once, the placement of a `TrainState` on the ("data",
+"fsdp") device mesh, global batches
 from each host's share, the non-finite streak guard, Orbax checkpoints (exact resume)
 and the absl log filter. Used by KaoLRM's loop
 (`train/loop.py`) and FaceLift's (`train/facelift_loop.py`)."""
@@ -11,6 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from kaojax import sharding
 
@@ -100,3 +102,16 @@ def save_final(manager, state):
     manager.save(final, args=ocp.args.StandardSave(state), force=True)
   manager.wait_until_finished()
   return final
+
+
+def generate_once(done: pathlib.Path, generate, what: str):
+  """Runs `generate()` (which writes the marker file `done` last) unless `done` is
+  there. Multi-host: process 0 writes while the others wait; a host whose work
+  directory is not shared with process 0's then writes its own copy (the same, by the
+  seed). `what` names the barrier."""
+  if jax.process_index() == 0 and not done.is_file():
+    generate()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(what)
+    if not done.is_file():
+      generate()
