@@ -2,7 +2,9 @@
 of the GS-LRM step (4 input views -> Gaussians -> 8 renders, MSE + perceptual) and the
 multi-view diffusion step (VAE + CLIP conditions, UNet v-prediction loss over 6 views,
 EMA), the steps of `kaojax/train/facelift_loop.py` on one device; XLA's FLOP count of
-each step and, on a GPU of known peak, the model FLOP utilisation.
+each step and, on a GPU of known peak, the model FLOP utilisation. The peer, measured
+in the same process: the loss's forward and backward alone, without the optimiser
+update and EMA (`step_over_gradient`).
 
     python benchmarks/facelift_train.py [--presets tiny,small,facelift] [--batch N]
         [--size S] [--dtype bfloat16] [--remat] [--networks gslrm,mvdiff]
@@ -91,8 +93,8 @@ def build(module, config, tx):
 
 
 def abstract_step(module, config):
-  """-> (jitted train step, (state, frozen state) as shapes, views per subject),
-  traced from the shapes alone: nothing is allocated."""
+  """-> (jitted train step, jitted loss gradient (the peer), (state, frozen state) as
+  shapes, views per subject), traced from the shapes alone: nothing is allocated."""
   tx = facelift_loop.make_tx(config)
   static = {}
 
@@ -102,11 +104,23 @@ def abstract_step(module, config):
     return state, frozen_state
 
   shapes = jax.eval_shape(arrays)
+  graphdef, frozen_graph = static["graphdef"], static["frozen_graph"]
   # the loss is made outside the trace: arrays it closes over must be constants
-  step = jax.jit(facelift_loop.make_train_step(static["graphdef"], tx, make_loss(module, config),
-                                               static["frozen_graph"], config.get("ema_decay")),
-                 donate_argnums=0)
-  return step, shapes, static["views"]
+  loss_fn = make_loss(module, config)
+  step = jax.jit(facelift_loop.make_train_step(graphdef, tx, loss_fn, frozen_graph,
+                                               config.get("ema_decay")), donate_argnums=0)
+
+  @jax.jit
+  def gradient(state, batch, key, frozen_state):
+    """The peer: the loss's forward and backward alone (no optimiser, no EMA)."""
+    frozen = nnx.merge(frozen_graph, frozen_state) if frozen_graph is not None else None
+
+    def objective(params):
+      return loss_fn(nnx.merge(graphdef, params, state.rest), batch, key, frozen)[0]
+
+    return jax.grad(objective)(state.params)
+
+  return step, gradient, shapes, static["views"]
 
 
 def measure(name, preset, repeats, size=None, batch=None, dtype=None, remat=False):
@@ -115,7 +129,7 @@ def measure(name, preset, repeats, size=None, batch=None, dtype=None, remat=Fals
   `repeats` after a warm-up. The FLOP count is the model's (without recomputation)."""
   module = MODULES[name]
   config = run_config(module, preset, size, batch, dtype, remat)
-  step, shapes, views = abstract_step(module, config)
+  step, gradient, shapes, views = abstract_step(module, config)
   data = random_view_batch(config.batch_size, views, config.data.image_size)
   key = jax.random.key(0)
   # Counted without remat: XLA counts a scan's body once, and MFU counts model FLOPs.
@@ -148,13 +162,17 @@ def measure(name, preset, repeats, size=None, batch=None, dtype=None, remat=Fals
 
   seconds = best_time(one_step, repeats)
   result.update(step_s=seconds, examples_per_s=config.batch_size / seconds)
+  result["gradient_s"] = best_time(lambda: jax.block_until_ready(
+      gradient(holder["state"], data, key, frozen_state)), repeats)
+  result["step_over_gradient"] = seconds / result["gradient_s"]
   if flops:
     result["gflops_achieved"] = flops / seconds / 1e9
     peak = peak_flops("bfloat16" if config.model.dtype == "bfloat16" else "float32")
     if peak:
       result["mfu"] = flops / seconds / peak
   result["peak_memory_gib"] = peak_memory_gib()
-  print(f"{label}: {seconds:.3f} s/step, {result['examples_per_s']:.2f} examples/s"
+  print(f"{label}: {seconds:.3f} s/step, {result['examples_per_s']:.2f} examples/s, "
+        f"step / loss gradient alone x{result['step_over_gradient']:.2f}"
         + (f", {result['gflops_achieved']:.3g} GFLOP/s" if flops else "")
         + (f", MFU {result['mfu']:.1%}" if "mfu" in result else "")
         + f", peak memory {result['peak_memory_gib']:.2f} GiB", flush=True)

@@ -772,6 +772,7 @@ def _headline(name, step):
     if "gslrm" in step or "mvdiff" in step:
       value = {k: step.get(k) for k in ("gslrm", "mvdiff", "preset", "dtype", "remat")}
       value["units"] = {"step_s": "s per training step", "examples_per_s": "subjects/s",
+                        "gradient_s": "s, the loss's forward+backward alone (the peer)",
                         "xla_plan_gib": "GiB (XLA's buffer plan)",
                         "peak_memory_gib": "GiB (device peak in use, this process so far)",
                         "mfu": "fraction of the dtype's dense peak"}

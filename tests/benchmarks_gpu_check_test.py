@@ -110,6 +110,7 @@ def test_facelift_train_step_measures_both_trainings(tmp_path):
   train = r["facelift_train"]
   for name in ("gslrm", "mvdiff"):
     assert _positive(train[name]["step_s"]) and _positive(train[name]["examples_per_s"])
+    assert _positive(train[name]["gradient_s"])      # the peer: loss gradient alone
     assert _positive(train[name]["xla_plan_gib"]) and train[name]["remat"] is True
     assert train[name]["dtype"] == "bfloat16"
   assert "kaolrm_train" not in r["steps"]
