@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
-from tqdm import tqdm
 
 from data_pipeline import heads, sources
 from data_pipeline.view_batch import make_view_batch
@@ -201,11 +200,9 @@ def train(config, workdir, device_mesh, task: Task) -> dict:
   evaluating = task.evaluate is not None and config.eval_every > 0
   if evaluating and start == 0:
     last_eval = run_eval(0)
-  progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
-                  desc="training", unit="step", disable=jax.process_index() != 0)
+  progress = runtime.progress_bar(start, total_steps)
   for step in progress:
-    if step == config.stop_at_step:
-      logging.info("stopping at step %d as config.stop_at_step says", step)
+    if runtime.stops_at(step, config.stop_at_step):
       break
     batch, newly_skipped = runtime.next_global_batch(batches, data_sharding)
     skipped += newly_skipped

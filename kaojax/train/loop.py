@@ -18,7 +18,6 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
-from tqdm import tqdm
 
 from data_pipeline import sources, synthetic
 from kaojax import losses, sharding
@@ -239,11 +238,9 @@ def train_and_evaluate(config, workdir) -> dict:
 
   if eval_set is not None and start == 0:
     last_eval = run_eval(0)
-  progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
-                  desc="training", unit="step", disable=jax.process_index() != 0)
+  progress = runtime.progress_bar(start, total_steps)
   for step in progress:
-    if step == config.stop_at_step:
-      logging.info("stopping at step %d as config.stop_at_step says", step)
+    if runtime.stops_at(step, config.stop_at_step):
       break
     batch, newly_skipped = runtime.next_global_batch(batches, data_sharding)
     skipped += newly_skipped

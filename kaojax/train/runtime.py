@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from kaojax import sharding
 
@@ -115,3 +116,17 @@ def generate_once(done: pathlib.Path, generate, what: str):
     multihost_utils.sync_global_devices(what)
     if not done.is_file():
       generate()
+
+
+def progress_bar(start: int, total_steps: int):
+  """The steps start .. total_steps - 1 under a progress bar (shown by process 0)."""
+  return tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training",
+              unit="step", disable=jax.process_index() != 0)
+
+
+def stops_at(step: int, stop_at_step: int) -> bool:
+  """True (and logged) when config.stop_at_step asks the run to end before `step`."""
+  if step == stop_at_step:
+    logging.info("stopping at step %d as config.stop_at_step says", step)
+    return True
+  return False
